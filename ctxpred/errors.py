@@ -1,0 +1,62 @@
+"""The one exception family of ctxpred.
+
+Every check in the library raises a subclass of :class:`CtxpredError`, so users can catch the
+library's complaints in one place while still catching ``ValueError`` / ``TypeError`` as usual.
+
+Example:
+    >>> import torch, ctxpred
+    >>> try:
+    ...     ctxpred.functional.neighbors(torch.zeros(2, 3), strides=(1,))
+    ... except ctxpred.CtxpredError as err:
+    ...     print(type(err).__name__)
+    ShapeError
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["CtxpredError", "DTypeError", "ShapeError", "ValueRangeError"]
+
+
+class CtxpredError(Exception):
+    """Base class of every error ctxpred raises on bad input."""
+
+
+class ShapeError(CtxpredError, ValueError):
+    """A tensor has the wrong rank or size; the message names the expected and actual shape."""
+
+
+class DTypeError(CtxpredError, TypeError):
+    """A tensor has the wrong dtype (e.g. integer ids where floats are needed, or the reverse)."""
+
+
+class ValueRangeError(CtxpredError, ValueError):
+    """An argument's value is outside its domain (negative stride, even kernel size, ...)."""
+
+
+def check_floating(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`DTypeError` unless ``x`` is a floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise DTypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_integer(x: torch.Tensor, name: str) -> None:
+    """Raise :class:`DTypeError` unless ``x`` is an integer (non-bool) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise DTypeError(f"{name} must be an integer tensor (token ids), got dtype {x.dtype}")
+
+
+def check_rank(x: torch.Tensor, name: str, allowed: Sequence[int], layout: str) -> None:
+    """Raise :class:`ShapeError` unless ``x.dim()`` is in ``allowed``; ``layout`` describes it."""
+    if x.dim() not in allowed:
+        raise ShapeError(
+            f"{name} must have layout {layout} (rank {' or '.join(map(str, allowed))}), "
+            f"got shape {tuple(x.shape)} (rank {x.dim()})"
+        )
