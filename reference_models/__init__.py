@@ -1,0 +1,7 @@
+"""Reference models that use ctxpred exactly as an outside user would (public API only).
+
+* :mod:`reference_models.data` — bundled datasets (textures, digits, faces), no downloads.
+* :mod:`reference_models.continuous` — a small DDPM/DDIM pixel-space diffusion model.
+* :mod:`reference_models.demo` — ``python -m reference_models.demo``: train with and without
+  context prediction, sample, and report metrics.
+"""
