@@ -149,7 +149,18 @@ class MaskAndReplaceDiffusion(nn.Module):
         self.register_buffer(
             "beta_bar", ((1.0 - att - ctt) / vocab_size).clamp_min(0.0).float(), persistent=False
         )
-        self._att64, self._ctt64 = att, ctt
+        # float64 copies: per-step values are ratios / differences of values close to 0 and 1,
+        # which float32 would get wrong by ~1% (they are only ever indexed by (B,) steps).
+        self.register_buffer("_att64", att, persistent=False)
+        self.register_buffer("_ctt64", ctt, persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # keep the float64 schedule copies in float64 under .half() / .to(dtype)
+        att, ctt = self._att64, self._ctt64
+        out = super()._apply(fn, recurse)
+        self._att64 = att.to(self.alpha_bar.device)
+        self._ctt64 = ctt.to(self.alpha_bar.device)
+        return out
 
     def _step_values(
         self, att_s: Tensor, ctt_s: Tensor, att_t: Tensor, ctt_t: Tensor
@@ -175,8 +186,8 @@ class MaskAndReplaceDiffusion(nn.Module):
         s = t - 1 if s is None else s
         if not 0 <= s < t <= self.num_steps:
             raise ValueRangeError(f"need 0 <= s < t <= T={self.num_steps}, got s={s}, t={t}")
-        a, b, c = self._step_values(self._att64[s], self._ctt64[s], self._att64[t],
-                                    self._ctt64[t])
+        att, ctt = self._att64.cpu(), self._ctt64.cpu()
+        a, b, c = self._step_values(att[s], ctt[s], att[t], ctt[t])
         v = self.vocab_size
         m = torch.zeros(v + 1, v + 1, dtype=torch.float64)
         m[:v, :v] = a * torch.eye(v, dtype=torch.float64) + b
@@ -271,8 +282,9 @@ class MaskAndReplaceDiffusion(nn.Module):
         m_mask = col(self.gamma_bar, s).expand(*x_t.shape, 1)
         log_m = _log(torch.cat([m_ids, m_mask], dim=-1))
         # q(x_t | x_s) as a function of x_s, (B, L, V + 1)
-        a, b, c = self._step_values(col(self.alpha_bar, s), col(self.gamma_bar, s),
-                                    col(self.alpha_bar, t), col(self.gamma_bar, t))
+        a, b, c = (v.float() for v in self._step_values(
+            col(self._att64, s), col(self._ctt64, s), col(self._att64, t), col(self._ctt64, t)
+        ))
         b = b.clamp_min(0.0)
         ids_part = torch.where(is_mask, c.expand_as(onehot_t), a * onehot_t + b)
         mask_part = torch.where(is_mask, torch.ones_like(is_mask, dtype=a.dtype),
