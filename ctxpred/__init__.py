@@ -8,7 +8,18 @@ foreign model (forward hooks). Every module has a plain function in :mod:`ctxpre
 """
 
 from ctxpred import functional
+from ctxpred.attach import CaptureError, ContextPredictor, ModelWithHeads, attach
 from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError
+from ctxpred.heads import (
+    CategoricalHead,
+    CategoricalPrediction,
+    ContextHead,
+    GaussianSamplingHead,
+    MomentHead,
+    MomentPrediction,
+    NaiveHead,
+)
+from ctxpred.loss import ContextLossTerms, ContextPredictionLoss
 from ctxpred.neighborhoods import (
     MultiStrideNeighborhood,
     Neighborhood,
@@ -19,14 +30,27 @@ from ctxpred.neighborhoods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaptureError",
+    "CategoricalHead",
+    "CategoricalPrediction",
+    "ContextHead",
+    "ContextLossTerms",
+    "ContextPredictionLoss",
+    "ContextPredictor",
     "CtxpredError",
     "DTypeError",
+    "GaussianSamplingHead",
+    "ModelWithHeads",
+    "MomentHead",
+    "MomentPrediction",
     "MultiStrideNeighborhood",
+    "NaiveHead",
     "Neighborhood",
     "PixelNeighborhood",
     "ShapeError",
     "TokenNeighborhood",
     "ValueRangeError",
     "__version__",
+    "attach",
     "functional",
 ]

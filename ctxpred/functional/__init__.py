@@ -8,6 +8,27 @@ Example:
     (torch.Size([2, 64, 16, 3]), torch.Size([2, 64, 16]))
 """
 
+from ctxpred.loss import (
+    categorical_divergence,
+    group_by_stride,
+    moment_divergence,
+    naive_divergence,
+    reduce_context_loss,
+    resize_target,
+    sample_divergence,
+)
 from ctxpred.neighborhoods import gather_points, neighbor_offsets, neighbors, token_neighbors
 
-__all__ = ["gather_points", "neighbor_offsets", "neighbors", "token_neighbors"]
+__all__ = [
+    "categorical_divergence",
+    "gather_points",
+    "group_by_stride",
+    "moment_divergence",
+    "naive_divergence",
+    "neighbor_offsets",
+    "neighbors",
+    "reduce_context_loss",
+    "resize_target",
+    "sample_divergence",
+    "token_neighbors",
+]
