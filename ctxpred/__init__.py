@@ -26,6 +26,12 @@ from ctxpred.neighborhoods import (
     PixelNeighborhood,
     TokenNeighborhood,
 )
+from ctxpred.wasserstein import (
+    ExactWasserstein,
+    GaussianWasserstein,
+    SinkhornWasserstein,
+    SlicedWasserstein,
+)
 
 __version__ = "0.1.0"
 
@@ -39,7 +45,9 @@ __all__ = [
     "ContextPredictor",
     "CtxpredError",
     "DTypeError",
+    "ExactWasserstein",
     "GaussianSamplingHead",
+    "GaussianWasserstein",
     "ModelWithHeads",
     "MomentHead",
     "MomentPrediction",
@@ -48,6 +56,8 @@ __all__ = [
     "Neighborhood",
     "PixelNeighborhood",
     "ShapeError",
+    "SinkhornWasserstein",
+    "SlicedWasserstein",
     "TokenNeighborhood",
     "ValueRangeError",
     "__version__",

@@ -18,6 +18,7 @@ from ctxpred.loss import (
     sample_divergence,
 )
 from ctxpred.neighborhoods import gather_points, neighbor_offsets, neighbors, token_neighbors
+from ctxpred.wasserstein import wasserstein
 
 __all__ = [
     "categorical_divergence",
@@ -31,4 +32,5 @@ __all__ = [
     "resize_target",
     "sample_divergence",
     "token_neighbors",
+    "wasserstein",
 ]

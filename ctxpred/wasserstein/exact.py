@@ -1,0 +1,278 @@
+r"""Exact optimal transport: batched Hungarian (shortest augmenting path) on the device.
+
+.. math::
+    W_p^p(a, b) = \min_{\pi \in \Pi(a, b)} \sum_{ij} \pi_{ij}\, \|x_i - y_j\|^p
+
+When both sets carry uniform weights on supports of equal size ``n`` (no weights and ``N == M``,
+or 0/1 masks with the same number of valid points on each side, as in the context-prediction loss
+when predicted samples are masked like their targets) every vertex of :math:`\Pi(a, b)` is a
+permutation matrix / n, so OT is an *assignment problem*. It is solved by the Jonker-Volgenant /
+Kuhn-Munkres shortest-augmenting-path algorithm, vectorized over problems: phase ``i`` grows row
+``i`` into the matching with at most ``i`` Dijkstra steps, so the whole solve is a fixed,
+data-independent ``n(n+1)/2`` steps of ``(B, n)`` tensor operations -- no host sync, no Python loop
+over problems; problems whose phase has finished are masked. The plan is found without autograd;
+the value is then recomputed from the matched pairs, so its gradient is the envelope gradient
+:math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i - y_{\sigma(i)}\|^p`.
+
+Other weights (unequal support sizes, non-uniform weights) are a transportation problem; for them
+``solver="transport"`` runs POT's exact network simplex ``ot.emd`` once per problem on the host
+(needs the ``ot`` extra; about 0.1-0.5 ms per problem) and differentiates
+:math:`\langle \pi^*, C(x, y)\rangle`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ctxpred.errors import ValueRangeError
+from ctxpred.wasserstein._validate import (
+    Prepared,
+    center,
+    float32_core,
+    pairwise_cost,
+    prepare,
+    restore,
+    segment_cost,
+)
+
+__all__ = ["ExactWasserstein", "assignment", "exact_wasserstein"]
+
+Solver = Literal["auto", "assignment", "transport"]
+
+
+@torch.no_grad()
+def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor | None = None
+               ) -> Tensor:
+    r"""Batched minimum-cost perfect matching between valid rows and valid columns.
+
+    Args:
+        cost: ``(B, n, n)`` finite costs.
+        row_valid: ``(B, n)`` bool, rows taking part (default all).
+        col_valid: ``(B, n)`` bool, columns taking part; each problem must have as many valid
+            columns as valid rows (not checked here).
+
+    Returns:
+        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It minimizes
+        :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein import assignment
+        >>> assignment(torch.tensor([[[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]]]))
+        tensor([[1, 0, 2]])
+    """
+    bsz, n, _ = cost.shape
+    device = cost.device
+    if row_valid is None:
+        row_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
+    if col_valid is None:
+        col_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
+    if n == 0:
+        return torch.empty(bsz, 0, dtype=torch.long, device=device)
+    # 1-based as in the textbook algorithm: row 0 is a dummy, column 0 the virtual root.
+    big = cost.new_zeros(bsz, n + 1, n + 1)
+    big[:, 1:, 1:] = cost
+    u = cost.new_zeros(bsz, n + 1)
+    v = cost.new_zeros(bsz, n + 1)
+    owner = torch.zeros(bsz, n + 1, dtype=torch.long, device=device)  # row owning column j
+    way = torch.zeros(bsz, n + 1, dtype=torch.long, device=device)
+    rows = torch.arange(bsz, device=device)
+    blocked = torch.cat([torch.zeros(bsz, 1, dtype=torch.bool, device=device), ~col_valid], 1)
+    inf = torch.tensor(float("inf"), dtype=cost.dtype, device=device)
+    zero = cost.new_zeros(())
+    for i in range(1, n + 1):
+        active = row_valid[:, i - 1].clone()
+        row_active = active.clone()
+        owner[:, 0] = i
+        j0 = torch.zeros(bsz, dtype=torch.long, device=device)
+        minv = torch.full((bsz, n + 1), float("inf"), dtype=cost.dtype, device=device)
+        used = blocked.clone()
+        # Phase i: at most i Dijkstra steps (one per already matched column, plus the root).
+        for _ in range(i):
+            used[rows, j0] |= active
+            i0 = owner[rows, j0]
+            cur = big[rows, i0] - u[rows, i0].unsqueeze(1) - v
+            better = (~used) & (cur < minv) & active.unsqueeze(1)
+            minv = torch.where(better, cur, minv)
+            way = torch.where(better, j0.unsqueeze(1), way)
+            delta, j1 = torch.where(used, inf, minv).min(1)
+            delta = torch.where(active, delta, zero)
+            add = torch.where(used, delta.unsqueeze(1), zero)
+            u.scatter_add_(1, owner, add)
+            v = v - add
+            minv = minv - torch.where(used, zero, delta.unsqueeze(1))
+            j0 = torch.where(active, j1, j0)
+            active = active & (owner[rows, j0] != 0)
+        # Augment along the alternating path back to the root (at most i edges).
+        for _ in range(i):
+            j1 = way[rows, j0]
+            owner[rows, j0] = torch.where(row_active, owner[rows, j1], owner[rows, j0])
+            j0 = torch.where(row_active, j1, j0)
+            row_active = row_active & (j0 != 0)
+    col_of_row = torch.full((bsz, n + 1), -1, dtype=torch.long, device=device)
+    col_of_row.scatter_(1, owner[:, 1:], torch.arange(n, device=device).expand(bsz, n))
+    col_of_row = col_of_row[:, 1:]
+    return torch.where(row_valid, col_of_row, torch.full_like(col_of_row, -1))
+
+
+def _assignment_compatible(prep: Prepared) -> Tensor:
+    """``()`` bool: every problem is uniform on supports of equal size (no host sync)."""
+    a, b = prep.a, prep.b
+    na, nb = (a > 0).sum(-1), (b > 0).sum(-1)
+    tol = 1e-5 if a.dtype == torch.float32 else 1e-10
+    ua = ((a - 1.0 / na.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (a == 0)
+    ub = ((b - 1.0 / nb.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (b == 0)
+    return ((na == nb) | ~prep.nonempty).all() & ua.all() & ub.all()
+
+
+def _solve_assignment(prep: Prepared, p: float) -> Tensor:
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    bsz, n_x, d = x.shape
+    n_y = y.shape[1]
+    n = max(n_x, n_y)
+    if n_x < n:
+        x = torch.cat([x, x.new_zeros(bsz, n - n_x, d)], 1)
+        a = torch.cat([a, a.new_zeros(bsz, n - n_x)], 1)
+    if n_y < n:
+        y = torch.cat([y, y.new_zeros(bsz, n - n_y, d)], 1)
+        b = torch.cat([b, b.new_zeros(bsz, n - n_y)], 1)
+    with torch.no_grad():
+        xc, yc = center(x.detach(), y.detach(), b)
+        cost = pairwise_cost(xc, yc, p)
+        match = assignment(cost, a > 0, b > 0)
+    matched = torch.gather(y, 1, match.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))
+    return (a * segment_cost(x - matched, p)).sum(-1)
+
+
+def _solve_transport(prep: Prepared, p: float) -> Tensor:
+    try:
+        import ot
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "exact OT with unequal support sizes or non-uniform weights uses POT's network "
+            "simplex: pip install 'ctxpred[ot]' (or pip install pot)"
+        ) from err
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    with torch.no_grad():
+        xc, yc = center(x.detach(), y.detach(), b)
+        cost = pairwise_cost(xc.double(), yc.double(), p).cpu().numpy()
+        a_np, b_np = a.double().cpu().numpy(), b.double().cpu().numpy()
+        nonempty = prep.nonempty.cpu().tolist()
+        plans = torch.zeros(cost.shape, dtype=torch.float64)
+        for k in range(cost.shape[0]):
+            if nonempty[k]:
+                wa, wb = a_np[k], b_np[k]
+                plans[k] = torch.from_numpy(ot.emd(wa / wa.sum(), wb / wb.sum(), cost[k]))
+        plans = plans.to(device=x.device, dtype=x.dtype)
+    diff = x.unsqueeze(2) - y.unsqueeze(1)
+    return (plans * segment_cost(diff, p)).sum((-1, -2))
+
+
+def exact_wasserstein(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Tensor | None = None,
+    y_weights: Tensor | None = None,
+    *,
+    p: float = 2,
+    solver: Solver = "auto",
+    check_finite: bool = True,
+) -> Tensor:
+    r"""Exact :math:`W_p^p` between weighted point clouds, batched over leading dimensions.
+
+    .. math::
+        W_p^p = \min_{\pi \in \Pi(a, b)} \sum_{ij} \pi_{ij}\, \|x_i - y_j\|^p,
+        \qquad a = \frac{w_x}{\sum w_x},\; b = \frac{w_y}{\sum w_y}
+
+    (squared Euclidean cost for ``p=2``, so the value is :math:`W_2^2`). Weights are constants
+    (no gradient); the gradient w.r.t. the points is the envelope gradient through the optimal
+    plan. A problem whose weights sum to 0 on either side is *empty*: its value is 0 with zero
+    gradient.
+
+    Args:
+        x: ``(..., N, D)`` points (e.g. predicted neighbor samples).
+        y: ``(..., M, D)`` points (e.g. true neighbors).
+        x_weights: ``(..., N)`` non-negative weights (0 = masked out); ``None`` = uniform.
+        y_weights: ``(..., M)`` same for ``y``.
+        p: cost exponent, ``>= 1``.
+        solver: ``"assignment"`` (batched Hungarian on the device; requires uniform weights on
+            supports of equal size), ``"transport"`` (POT ``ot.emd`` per problem on the host, any
+            weights), or ``"auto"``: the assignment solver when the weights allow it, else the
+            transport one. With weights given, ``"auto"`` decides with one host sync; pass
+            ``"assignment"`` in training loops to avoid it.
+        check_finite: check for NaN/Inf points and negative weights, and (for
+            ``"assignment"``) that the weights allow it -- one host sync; pass ``False`` to skip.
+
+    Returns:
+        ``(...)`` values :math:`W_p^p`, in ``x``'s dtype (computed in float32 or float64).
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein import exact_wasserstein
+        >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+        >>> y = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+        >>> exact_wasserstein(x, y)
+        tensor(1.)
+        >>> mask = torch.tensor([True, False])
+        >>> exact_wasserstein(x, y, mask.float(), torch.tensor([0.0, 1.0]))
+        tensor(1.)
+    """
+    if solver not in ("auto", "assignment", "transport"):
+        raise ValueRangeError(
+            f"solver must be 'auto', 'assignment' or 'transport', got {solver!r}"
+        )
+    prep = prepare(x, y, x_weights, y_weights, p, check_finite)
+    with float32_core(prep.x.device):
+        if solver == "auto":
+            if not prep.weighted:
+                solver = "assignment" if x.shape[-2] == y.shape[-2] else "transport"
+            else:
+                ok = bool(_assignment_compatible(prep))
+                solver = "assignment" if ok else "transport"
+        elif solver == "assignment" and check_finite and not bool(_assignment_compatible(prep)):
+            raise ValueRangeError(
+                "solver='assignment' needs uniform weights on supports of equal size in every "
+                "problem (e.g. equal 0/1 masks counts); use solver='transport' or 'auto'"
+            )
+        if solver == "assignment":
+            values = _solve_assignment(prep, p)
+        else:
+            values = _solve_transport(prep, p)
+    return restore(values, prep)
+
+
+class ExactWasserstein(nn.Module):
+    r"""Module form of :func:`exact_wasserstein` (no parameters).
+
+    Shape:
+        ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein import ExactWasserstein
+        >>> x = torch.randn(4, 8, 3)
+        >>> ExactWasserstein()(x, x.flip(1)).abs().max() < 1e-6
+        tensor(True)
+    """
+
+    def __init__(self, p: float = 2, solver: Solver = "auto", check_finite: bool = True) -> None:
+        super().__init__()
+        self.p, self.solver, self.check_finite = p, solver, check_finite
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        x_weights: Tensor | None = None,
+        y_weights: Tensor | None = None,
+    ) -> Tensor:
+        return exact_wasserstein(
+            x, y, x_weights, y_weights, p=self.p, solver=self.solver,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, solver={self.solver!r}"

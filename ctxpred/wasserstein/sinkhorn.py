@@ -1,0 +1,284 @@
+r"""Entropic optimal transport: batched log-domain Sinkhorn with epsilon-scaling.
+
+For a regularization :math:`\varepsilon`, the entropic problem
+
+.. math::
+    \mathrm{OT}_\varepsilon(a, b) = \min_{\pi \in \Pi(a, b)} \langle \pi, C\rangle
+        + \varepsilon\, \mathrm{KL}(\pi \,\|\, a \otimes b)
+
+is solved in the log domain by alternating the soft-min updates
+
+.. math::
+    f_i = -\varepsilon \log \sum_j b_j\, e^{(g_j - C_{ij})/\varepsilon}, \qquad
+    g_j = -\varepsilon \log \sum_i a_i\, e^{(f_i - C_{ij})/\varepsilon},
+
+with :math:`\varepsilon` decreasing geometrically (``scaling``) from the problem's cost diameter
+to its target, for a *fixed* number of ``iterations`` (no convergence test, so no host sync). The
+plan :math:`\pi_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` is computed without autograd;
+the value returned is its transport cost :math:`\langle \pi, C(x, y)\rangle`, an estimate of
+:math:`W_p^p` from above, differentiated with :math:`\pi` held fixed -- by the envelope theorem
+that is the gradient of :math:`\mathrm{OT}_\varepsilon`, at the memory cost of one cost matrix
+(no unrolled iterations). With ``debias=True`` it returns the Sinkhorn divergence
+:math:`S_\varepsilon = \mathrm{OT}_\varepsilon(a, b) - \tfrac12 \mathrm{OT}_\varepsilon(a, a)
+- \tfrac12 \mathrm{OT}_\varepsilon(b, b)` (dual values; :math:`\ge 0`, zero iff the clouds match).
+
+:math:`\varepsilon` is per problem, computed on the device: ``blur**p`` when ``blur`` is given (data
+units), else ``relative_blur`` times the problem's mean cost, so the default accuracy does not
+depend on the data's scale and no global diameter is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ctxpred.errors import ValueRangeError
+from ctxpred.wasserstein._validate import (
+    center,
+    float32_core,
+    pairwise_cost,
+    prepare,
+    restore,
+)
+
+__all__ = ["SinkhornWasserstein", "sinkhorn_wasserstein"]
+
+_EXP_FLOOR = -80.0  # exp(-80) ~ 1e-35: below it, CPUs slow down on denormals
+
+
+def _lse_rows(s: Tensor) -> Tensor:
+    """``log sum_j exp(s_ij)`` over the last axis, with exp inputs clamped at -80."""
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return (s - top).clamp_min_(_EXP_FLOOR).exp_().sum(-1).log_() + top.squeeze(-1)
+
+
+def _sinkhorn_potentials(
+    cost: Tensor,
+    log_a: Tensor,
+    log_b: Tensor,
+    eps_target: Tensor,
+    diameter: Tensor,
+    scaling: float,
+    iterations: int,
+    overrelaxation: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the fixed-budget log-Sinkhorn; returns ``(f, g, eps)`` with ``eps`` of shape ``(B,)``."""
+    bsz, n, m = cost.shape
+    f = cost.new_zeros(bsz, n)
+    g = cost.new_zeros(bsz, m)
+    cost_t = cost.transpose(1, 2)
+    eps = eps_target
+    for t in range(iterations):
+        eps = torch.maximum(diameter * scaling**t, eps_target)
+        inv = (1.0 / eps).unsqueeze(-1)
+        # f_i = -eps LSE_j(log b_j + (g_j - C_ij)/eps)
+        s = (log_b + g * inv).unsqueeze(1) - cost * inv.unsqueeze(-1)
+        f_new = -eps.unsqueeze(-1) * _lse_rows(s)
+        f = f_new if t == 0 else overrelaxation * f_new + (1 - overrelaxation) * f
+        s = (log_a + f * inv).unsqueeze(1) - cost_t * inv.unsqueeze(-1)
+        g_new = -eps.unsqueeze(-1) * _lse_rows(s)
+        g = g_new if t == 0 else overrelaxation * g_new + (1 - overrelaxation) * g
+    return f, g, eps
+
+
+def sinkhorn_wasserstein(
+    x: Tensor,
+    y: Tensor,
+    x_weights: Tensor | None = None,
+    y_weights: Tensor | None = None,
+    *,
+    p: float = 2,
+    blur: float | None = None,
+    relative_blur: float = 1e-3,
+    scaling: float = 0.7,
+    iterations: int = 30,
+    overrelaxation: float = 1.6,
+    debias: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    r"""Entropic estimate of :math:`W_p^p`, batched over leading dimensions.
+
+    See the module docstring for the algorithm. Cost: ``iterations`` log-sum-exp passes over a
+    ``(B, N, M)`` cost matrix (3x that with ``debias``); memory: a few ``(B, N, M)`` tensors.
+
+    Args:
+        x: ``(..., N, D)`` points.
+        y: ``(..., M, D)`` points.
+        x_weights: ``(..., N)`` non-negative weights (0 = masked out); ``None`` = uniform.
+        y_weights: ``(..., M)`` same for ``y``.
+        p: cost exponent ``>= 1`` (``p=2``: squared Euclidean, value ~ :math:`W_2^2`).
+        blur: entropic length scale in data units, :math:`\varepsilon = \text{blur}^p`;
+            ``None`` (default) uses ``relative_blur`` instead.
+        relative_blur: :math:`\varepsilon` as a fraction of each problem's mean cost.
+        scaling: epsilon-scaling factor in ``(0, 1)``; :math:`\varepsilon_t =
+            \max(\text{diameter}\cdot\text{scaling}^t, \varepsilon)`.
+        iterations: fixed number of Sinkhorn iterations (no convergence check).
+        overrelaxation: :math:`\omega \in [1, 2)`; each potential moves to
+            :math:`(1-\omega) f + \omega\, T(f)` (over-relaxed Sinkhorn, Thibault et al. 2017),
+            which converges several times faster at small :math:`\varepsilon`; 1 = plain.
+        debias: return the Sinkhorn divergence (dual values) instead of the plan's cost.
+        check_finite: check for NaN/Inf points and negative weights (one host sync).
+
+    Returns:
+        ``(...)`` values in ``x``'s dtype; empty problems (zero total weight) give 0.
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein import exact_wasserstein, sinkhorn_wasserstein
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(64, 8, 3, generator=g), torch.randn(64, 8, 3, generator=g)
+        >>> approx, exact = sinkhorn_wasserstein(x, y), exact_wasserstein(x, y)
+        >>> bool(((approx - exact).abs() / exact).mean() < 3e-3)
+        True
+    """
+    if not 0.0 < scaling < 1.0:
+        raise ValueRangeError(f"scaling must be in (0, 1), got {scaling!r}")
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise ValueRangeError(f"iterations must be an int >= 1, got {iterations!r}")
+    if blur is not None and not blur > 0:
+        raise ValueRangeError(f"blur must be > 0 (data units) or None, got {blur!r}")
+    if not 1.0 <= overrelaxation < 2.0:
+        raise ValueRangeError(f"overrelaxation must be in [1, 2), got {overrelaxation!r}")
+    if not relative_blur > 0:
+        raise ValueRangeError(f"relative_blur must be > 0, got {relative_blur!r}")
+    prep = prepare(x, y, x_weights, y_weights, p, check_finite)
+    with float32_core(prep.x.device):
+        xs, ys, a, b = prep.x, prep.y, prep.a, prep.b
+        # Empty problems run on uniform weights (no -inf rows) and are zeroed at the end.
+        a = torch.where(prep.nonempty.unsqueeze(-1), a, torch.full_like(a, 1.0 / a.shape[-1]))
+        b = torch.where(prep.nonempty.unsqueeze(-1), b, torch.full_like(b, 1.0 / b.shape[-1]))
+        xc, yc = center(xs, ys, b)
+        cost_xy = pairwise_cost(xc.detach(), yc.detach(), p)
+        eps_target, diameter = _epsilon(cost_xy, a, b, p, blur, relative_blur)
+        log_a, log_b = a.log(), b.log()
+        with torch.no_grad():
+            f, g, eps = _sinkhorn_potentials(
+                cost_xy, log_a, log_b, eps_target, diameter, scaling, iterations, overrelaxation
+            )
+            plan = _plan(cost_xy, f, g, log_a, log_b, eps)
+        value = _transport_cost(plan, xc, yc, p)
+        if debias:
+            dual = (a * f).sum(-1) + (b * g).sum(-1)
+            value = dual + (value - value.detach())
+            for pts, w, log_w, sign in ((xc, a, log_a, -0.5), (yc, b, log_b, -0.5)):
+                cost_self = pairwise_cost(pts.detach(), pts.detach(), p)
+                with torch.no_grad():
+                    h1, h2, eps_s = _sinkhorn_potentials(
+                        cost_self, log_w, log_w, eps_target, diameter, scaling, iterations,
+                        overrelaxation,
+                    )
+                    plan_s = _plan(cost_self, h1, h2, log_w, log_w, eps_s)
+                self_cost = _transport_cost(plan_s, pts, pts, p)
+                self_dual = (w * (h1 + h2)).sum(-1)
+                value = value + sign * (self_dual + (self_cost - self_cost.detach()))
+    return restore(value, prep)
+
+
+def _epsilon(
+    cost: Tensor, a: Tensor, b: Tensor, p: float, blur: float | None, relative_blur: float
+) -> tuple[Tensor, Tensor]:
+    """Per-problem target epsilon and starting diameter, both ``(B,)``, on the device."""
+    support = (a > 0).unsqueeze(-1) & (b > 0).unsqueeze(-2)
+    masked = torch.where(support, cost, torch.zeros_like(cost))
+    diameter = masked.amax((-1, -2))
+    tiny = torch.finfo(cost.dtype).tiny
+    if blur is None:
+        mean_cost = (a.unsqueeze(-1) * b.unsqueeze(-2) * cost).sum((-1, -2))
+        eps_target = relative_blur * mean_cost
+    else:
+        eps_target = torch.full_like(diameter, float(blur) ** p)
+    eps_target = eps_target.clamp_min(tiny * 1e8)
+    return eps_target, torch.maximum(diameter, eps_target)
+
+
+def _plan(cost: Tensor, f: Tensor, g: Tensor, log_a: Tensor, log_b: Tensor, eps: Tensor) -> Tensor:
+    inv = (1.0 / eps).view(-1, 1, 1)
+    z = (f.unsqueeze(-1) + g.unsqueeze(-2) - cost) * inv
+    plan = (z + log_a.unsqueeze(-1) + log_b.unsqueeze(-2)).clamp_min_(_EXP_FLOOR).exp_()
+    return _round_to_marginals(plan, log_a.exp(), log_b.exp())
+
+
+def _round_to_marginals(plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    r"""Altschuler et al. (2017) rounding: a plan in :math:`\Pi(a, b)`.
+
+    Rows are scaled down to at most ``a``, columns to at most ``b``, and the missing mass is
+    added back as the rank-one ``err_a err_b^T / |err_a|_1``, so the plan is feasible and its cost
+    bounds :math:`W_p^p` from above.
+    """
+    rows = plan.sum(-1)
+    plan = plan * torch.where(rows > a, a / rows.clamp_min(1e-38), 1.0).unsqueeze(-1)
+    cols = plan.sum(-2)
+    plan = plan * torch.where(cols > b, b / cols.clamp_min(1e-38), 1.0).unsqueeze(-2)
+    err_a = (a - plan.sum(-1)).clamp_min(0.0)
+    err_b = (b - plan.sum(-2)).clamp_min(0.0)
+    total = err_a.sum(-1).clamp_min(1e-38).view(-1, 1, 1)
+    return plan + err_a.unsqueeze(-1) * err_b.unsqueeze(-2) / total
+
+
+def _transport_cost(plan: Tensor, x: Tensor, y: Tensor, p: float) -> Tensor:
+    r""":math:`\sum_{ij} \pi_{ij} \|x_i - y_j\|^p` with the plan fixed (differentiable in x, y)."""
+    if p == 2:
+        rows, cols = plan.sum(-1), plan.sum(-2)
+        cross = (torch.matmul(plan, y) * x).sum((-1, -2))
+        return (rows * x.pow(2).sum(-1)).sum(-1) + (cols * y.pow(2).sum(-1)).sum(-1) - 2 * cross
+    cost = pairwise_cost(x, y, 2.0)
+    positive = cost > 0
+    safe = torch.where(positive, cost, torch.ones_like(cost))
+    cost = torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(cost))
+    return (plan * cost).sum((-1, -2))
+
+
+class SinkhornWasserstein(nn.Module):
+    r"""Module form of :func:`sinkhorn_wasserstein` (no parameters).
+
+    Shape:
+        ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein import SinkhornWasserstein
+        >>> loss = SinkhornWasserstein(debias=True)
+        >>> x = torch.randn(4, 8, 3)
+        >>> loss(x, x).abs().max() < 1e-5
+        tensor(True)
+    """
+
+    def __init__(
+        self,
+        p: float = 2,
+        blur: float | None = None,
+        relative_blur: float = 1e-3,
+        scaling: float = 0.7,
+        iterations: int = 30,
+        overrelaxation: float = 1.6,
+        debias: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.p, self.blur, self.relative_blur = p, blur, relative_blur
+        self.scaling, self.iterations, self.debias = scaling, iterations, debias
+        self.overrelaxation = overrelaxation
+        self.check_finite = check_finite
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        x_weights: Tensor | None = None,
+        y_weights: Tensor | None = None,
+    ) -> Tensor:
+        return sinkhorn_wasserstein(
+            x, y, x_weights, y_weights, p=self.p, blur=self.blur,
+            relative_blur=self.relative_blur, scaling=self.scaling,
+            iterations=self.iterations, overrelaxation=self.overrelaxation, debias=self.debias,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"p={self.p}, blur={self.blur}, relative_blur={self.relative_blur}, "
+            f"scaling={self.scaling}, iterations={self.iterations}, "
+            f"overrelaxation={self.overrelaxation}, debias={self.debias}"
+        )
+
