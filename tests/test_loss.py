@@ -1,0 +1,368 @@
+"""ContextPredictionLoss and its functional parts, against naive loops, POT and scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import scipy.linalg
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxpred import (
+    CategoricalHead,
+    CategoricalPrediction,
+    ContextPredictionLoss,
+    DTypeError,
+    GaussianSamplingHead,
+    MomentHead,
+    MomentPrediction,
+    MultiStrideNeighborhood,
+    NaiveHead,
+    PixelNeighborhood,
+    ShapeError,
+    TokenNeighborhood,
+    ValueRangeError,
+)
+from ctxpred.functional import (
+    categorical_divergence,
+    group_by_stride,
+    moment_divergence,
+    naive_divergence,
+    neighbors,
+    reduce_context_loss,
+    resize_target,
+    sample_divergence,
+)
+
+FAST = settings(max_examples=12, deadline=None)
+
+
+def _random_mask(gen, shape, p=0.7):
+    return torch.rand(shape, generator=gen) < p
+
+
+# -- functional parts ----------------------------------------------------------------------------
+def test_group_by_stride_matches_stride_index():
+    nb = neighbors(torch.randn(2, 3, 6, 6), strides=(1, 2, 3))
+    values, mask = group_by_stride(nb.values, nb.mask, 3)
+    assert values.shape == (2, 36, 3, 8, 3) and mask.shape == (2, 36, 3, 8)
+    for s in range(3):
+        sel = nb.stride_index == s
+        torch.testing.assert_close(values[:, :, s], nb.values[:, :, sel])
+        assert torch.equal(mask[:, :, s], nb.mask[:, :, sel])
+    with pytest.raises(ShapeError, match="do not split"):
+        group_by_stride(nb.values, nb.mask, 5)
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), strides=st.integers(1, 3), c=st.integers(1, 4))
+def test_naive_divergence_matches_loop(seed, strides, c):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(2, 3, strides, 8, c, generator=g)
+    values = torch.randn(2, 3, strides, 8, c, generator=g)
+    mask = _random_mask(g, (2, 3, strides, 8))
+    got = naive_divergence(pred, values, mask)
+    want = torch.zeros(2, 3, strides)
+    for idx in np.ndindex(2, 3, strides):
+        errs = [float(((pred[idx][k] - values[idx][k]) ** 2).sum()) for k in range(8)
+                if mask[idx][k]]
+        want[idx] = sum(errs) / len(errs) if errs else 0.0
+    torch.testing.assert_close(got, want)
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), q=st.integers(2, 9))
+def test_sample_divergence_matches_pot_emd2(seed, q):
+    """Masked W_2^2 per problem vs POT's network simplex on the valid neighbors only.
+
+    ``"exact"`` must agree tightly; the default ``"sinkhorn"`` is an entropic estimate from above
+    (its accuracy on unequal problems is the estimator's business, tested there).
+    """
+    g = torch.Generator().manual_seed(seed)
+    samples = torch.randn(2, 3, 2, q, 3, generator=g)
+    values = torch.randn(2, 3, 2, 8, 3, generator=g)
+    mask = _random_mask(g, (2, 3, 2, 8))
+    mask[..., 0] = True
+    exact = sample_divergence(samples, values, mask, "exact")
+    entropic = sample_divergence(samples, values, mask)
+    for idx in np.ndindex(2, 3, 2):
+        x = samples[idx].double().numpy()
+        y = values[idx][mask[idx]].double().numpy()
+        ref = ot.emd2(np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y)),
+                      ot.dist(x, y))
+        assert exact[idx].item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        assert entropic[idx].item() >= ref - 1e-3
+
+
+def test_sample_divergence_masked_slots_never_count_and_shared_head_broadcasts():
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randn(2, 4, 1, 6, 3, generator=g)
+    values = torch.randn(2, 4, 3, 8, 3, generator=g)
+    mask = _random_mask(g, (2, 4, 3, 8))
+    base = sample_divergence(samples, values, mask, "exact")
+    poisoned = torch.where(mask.unsqueeze(-1), values, torch.full_like(values, 1e4))
+    torch.testing.assert_close(sample_divergence(samples, poisoned, mask, "exact"), base)
+    per_stride = sample_divergence(samples.expand(-1, -1, 3, -1, -1), values, mask, "exact")
+    torch.testing.assert_close(per_stride, base)
+
+
+def test_sample_divergence_plumbing_to_a_custom_estimator():
+    seen = {}
+
+    def estimator(x, y, xw, yw):
+        seen.update(x=x.shape, y=y.shape, xw=xw, yw=yw)
+        return x.sum((-1, -2)) * 0
+
+    samples = torch.randn(2, 5, 3, 4, 2).bfloat16()
+    values, mask = torch.randn(2, 5, 3, 8, 2), torch.rand(2, 5, 3, 8) > 0.5
+    out = sample_divergence(samples, values, mask, estimator)
+    assert out.shape == (2, 5, 3) and out.dtype == torch.float32  # float32 core
+    assert seen["x"] == (2, 5, 3, 4, 2) and seen["y"] == (2, 5, 3, 8, 2) and seen["xw"] is None
+    assert torch.equal(seen["yw"], mask.float())
+
+
+def test_perfect_prediction_gives_zero():
+    values = torch.randn(2, 3, 2, 8, 4)
+    mask = torch.ones(2, 3, 2, 8, dtype=torch.bool)
+    assert sample_divergence(values, values, mask, "exact").abs().max() < 1e-5
+    assert naive_divergence(values, values, mask).abs().max() == 0
+    ids = torch.randint(0, 5, (2, 3, 1, 8))
+    hist = torch.nn.functional.one_hot(ids, 5).float().mean(-2)
+    pred = CategoricalPrediction(hist.log(), None, None)
+    assert categorical_divergence(pred, ids, mask[:, :, :1]).abs().max() < 1e-6
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), rank=st.integers(0, 2))
+def test_moment_divergence_matches_scipy(seed, rank):
+    g = torch.Generator().manual_seed(seed)
+    c = 3
+    mean = torch.randn(2, 2, 1, c, generator=g, dtype=torch.float64)
+    log_var = torch.randn(2, 2, 1, c, generator=g, dtype=torch.float64)
+    factor = torch.randn(2, 2, 1, c, rank, generator=g, dtype=torch.float64) if rank else None
+    pred = MomentPrediction(mean, log_var, factor)
+    values = torch.randn(2, 2, 1, 8, c, generator=g, dtype=torch.float64)
+    mask = _random_mask(g, (2, 2, 1, 8))
+    mask[..., :2] = True
+    got = moment_divergence(pred, values, mask)
+    cov = pred.covariance()
+    for idx in np.ndindex(2, 2, 1):
+        y = values[idx][mask[idx]].numpy()
+        m2, s2 = y.mean(0), np.cov(y.T, bias=True)
+        s1 = cov[idx].numpy()
+        root = scipy.linalg.sqrtm(s2)
+        cross = np.real(scipy.linalg.sqrtm(root @ s1 @ root))
+        ref = ((mean[idx].numpy() - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * cross)
+        assert got[idx].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_moment_divergence_empty_problem_is_zero_with_finite_grad():
+    mean = torch.randn(1, 2, 1, 3, requires_grad=True)
+    pred = MomentPrediction(mean, torch.zeros(1, 2, 1, 3), None)
+    values, mask = torch.randn(1, 2, 1, 8, 3), torch.zeros(1, 2, 1, 8, dtype=torch.bool)
+    out = moment_divergence(pred, values, mask)
+    assert torch.equal(out, torch.zeros(1, 2, 1))
+    out.sum().backward()
+    assert torch.isfinite(mean.grad).all()
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), vocab=st.integers(2, 6))
+def test_categorical_total_variation_matches_loop(seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 2, vocab, generator=g)
+    ids = torch.randint(0, vocab, (2, 3, 2, 8), generator=g)
+    mask = _random_mask(g, (2, 3, 2, 8))
+    got = categorical_divergence(CategoricalPrediction(logits, None, None), ids, mask)
+    probs = logits.softmax(-1)
+    for idx in np.ndindex(2, 3, 2):
+        valid = ids[idx][mask[idx]].tolist()
+        if not valid:
+            assert got[idx] == 0
+            continue
+        q = np.bincount(valid, minlength=vocab) / len(valid)
+        ref = 0.5 * np.abs(probs[idx].numpy() - q).sum()  # TV = 1/2 L1 = 1 - sum min
+        assert got[idx].item() == pytest.approx(ref, abs=1e-5)
+
+
+def test_categorical_sampling_mode_uses_codebook_embeddings():
+    codebook = torch.randn(4, 3)
+    ids = torch.randint(0, 4, (1, 2, 1, 8))
+    mask = torch.ones(1, 2, 1, 8, dtype=torch.bool)
+    samples = codebook[ids]  # a "prediction" that samples exactly the neighbors
+    pred = CategoricalPrediction(torch.zeros(1, 2, 1, 4), samples, codebook)
+    assert categorical_divergence(pred, ids, mask, "exact").abs().max() < 1e-5
+    with pytest.raises(DTypeError, match="token ids"):
+        categorical_divergence(pred, ids.float(), mask)
+
+
+def test_reduce_is_per_sample_mean_then_batch_mean():
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(3, 5, 2, generator=g)
+    valid = _random_mask(g, (3, 5, 2))
+    valid[2] = False  # a sample with no valid point contributes 0
+    total, per_stride = reduce_context_loss(values, valid, torch.tensor([0.25, 2.0]))
+    want = torch.zeros(2)
+    for s in range(2):
+        for b in range(3):
+            v = values[b, :, s][valid[b, :, s]]
+            want[s] += (v.mean() if len(v) else 0.0) / 3
+    torch.testing.assert_close(per_stride, want)
+    torch.testing.assert_close(total, 0.25 * want[0] + 2.0 * want[1])
+    # batch independence: sample 0 alone gives its own value
+    alone, _ = reduce_context_loss(values[:1], valid[:1])
+    mixed, _ = reduce_context_loss(values[:2], valid[:2])
+    other, _ = reduce_context_loss(values[1:2], valid[1:2])
+    torch.testing.assert_close(mixed, (alone + other) / 2)
+
+
+def test_resize_target_rules():
+    img = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(resize_target(img, (4, 4)),
+                               torch.nn.functional.avg_pool2d(img, 2))
+    up = resize_target(img, (16, 16))
+    torch.testing.assert_close(up, torch.nn.functional.interpolate(
+        img, size=(16, 16), mode="bilinear", align_corners=False))
+    ids = torch.randint(0, 9, (2, 8, 8))
+    assert torch.equal(resize_target(ids, (4, 4)), ids[:, ::2, ::2])
+    assert torch.equal(resize_target(ids, (16, 16)), ids.repeat_interleave(2, 1)
+                       .repeat_interleave(2, 2))
+    assert resize_target(img, (8, 8)) is img
+    with pytest.raises(ShapeError, match="resize='none'"):
+        resize_target(img, (4, 4), "none")
+    with pytest.raises(ShapeError, match="no resize rule"):
+        resize_target(img, (4, 4, 4))
+    with pytest.raises(ValueRangeError, match="nearest"):
+        resize_target(ids, (4, 4), "area")
+
+
+# -- the module ----------------------------------------------------------------------------------
+def _pixel_loss(**kw):
+    return ContextPredictionLoss(
+        PixelNeighborhood(strides=(1, 2)),
+        GaussianSamplingHead(out_channels=3, in_channels=8, num_samples=6, num_strides=2), **kw,
+    )
+
+
+def test_loss_matches_functional_composition():
+    loss_fn = _pixel_loss(estimator="exact", stride_weights=(1.0, 0.5), weight=0.3)
+    feats = torch.randn(2, 8, 4, 4, requires_grad=True)
+    target = torch.randn(2, 3, 8, 8)
+    terms = loss_fn.terms(feats, target, generator=torch.Generator().manual_seed(5))
+    nb = neighbors(resize_target(target, (4, 4)), strides=(1, 2))
+    z = feats.flatten(2).transpose(1, 2)
+    samples = loss_fn.head(z, generator=torch.Generator().manual_seed(5))
+    values, mask = group_by_stride(nb.values, nb.mask, 2)
+    per_point = sample_divergence(samples, values, mask, "exact")
+    torch.testing.assert_close(terms.per_point, per_point)
+    total, _ = reduce_context_loss(per_point, mask.any(-1), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(terms.total, 0.3 * total)
+    terms.total.backward()
+    assert feats.grad.abs().sum() > 0
+    assert loss_fn.head.encoder.weight.grad.abs().sum() > 0
+
+
+def test_points_subsampling_count_and_fraction():
+    feats, target = torch.randn(2, 8, 6, 6), torch.randn(2, 3, 6, 6)
+    assert _pixel_loss(points=10).terms(feats, target).per_point.shape == (2, 10, 2)
+    assert _pixel_loss(points=0.25).terms(feats, target).per_point.shape == (2, 9, 2)
+    assert _pixel_loss(points=1000).terms(feats, target).per_point.shape == (2, 36, 2)
+    for bad in (0, 1.5, -0.1, True, "all"):
+        with pytest.raises(ValueRangeError, match="points"):
+            _pixel_loss(points=bad)
+
+
+def test_point_without_valid_neighbor_contributes_nothing_and_no_nan():
+    head = GaussianSamplingHead(3, 4, num_samples=4, num_strides=2)
+    loss_fn = ContextPredictionLoss(PixelNeighborhood(strides=(1, 5), allow_empty=True), head)
+    feats = torch.randn(1, 4, 3, 3, requires_grad=True)
+    terms = loss_fn.terms(feats, torch.randn(1, 3, 3, 3))
+    assert not terms.valid[..., 1].any() and terms.valid[..., 0].all()
+    assert torch.equal(terms.per_point[..., 1], torch.zeros(1, 9))
+    assert terms.per_stride[1] == 0 and torch.isfinite(terms.total)
+    terms.total.backward()
+    assert torch.isfinite(feats.grad).all()
+
+
+def test_feature_target_is_detached_and_token_layout():
+    loss_fn = ContextPredictionLoss(
+        MultiStrideNeighborhood(strides=(1,)), GaussianSamplingHead(5, 5, num_samples=4),
+        grid_shape=(3, 4),
+    )
+    tokens = torch.randn(2, 12, 5, requires_grad=True)
+    terms = loss_fn.terms(tokens)
+    assert terms.per_point.shape == (2, 12, 1)
+    # the same features as a channels-first map give the same value (same noise)
+    fmap = tokens.detach().transpose(1, 2).reshape(2, 5, 3, 4)
+    a = loss_fn(tokens, generator=torch.Generator().manual_seed(0))
+    b = ContextPredictionLoss(MultiStrideNeighborhood(strides=(1,)), loss_fn.head)(
+        fmap, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_token_ids_with_categorical_head():
+    head = CategoricalHead(6, in_channels=8, num_strides=2)
+    loss_fn = ContextPredictionLoss(TokenNeighborhood(strides=(1, 2), grid_shape=(4, 4)), head)
+    tokens = torch.randn(2, 16, 8, requires_grad=True)
+    ids = torch.randint(0, 6, (2, 16))
+    loss = loss_fn(tokens, ids)
+    loss.backward()
+    assert 0 <= loss.item() <= 1 and tokens.grad.abs().sum() > 0
+    # a channels-first id map is resized by nearest to a smaller layer grid
+    loss_cf = ContextPredictionLoss(TokenNeighborhood(strides=(1,)), CategoricalHead(6, 8))
+    assert torch.isfinite(loss_cf(torch.randn(2, 8, 4, 4), torch.randint(0, 6, (2, 8, 8))))
+
+
+def test_bf16_autocast_keeps_a_float32_core():
+    loss_fn = _pixel_loss()
+    feats = torch.randn(2, 8, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(feats, torch.randn(2, 3, 4, 4))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(feats.grad).all()
+
+
+@pytest.mark.parametrize("head", [NaiveHead(3, in_channels=8, num_strides=2),
+                                  MomentHead(3, 8, rank=1, num_strides=2)], ids=["naive", "moment"])
+def test_other_heads_train_through_the_module(head):
+    loss_fn = ContextPredictionLoss(PixelNeighborhood(strides=(1, 2)), head)
+    feats = torch.randn(2, 8, 4, 4, requires_grad=True)
+    loss = loss_fn(feats, torch.randn(2, 3, 4, 4))
+    loss.backward()
+    assert torch.isfinite(loss) and feats.grad.abs().sum() > 0
+
+
+def test_loss_errors_are_clear():
+    nb = PixelNeighborhood(strides=(1, 2, 3))
+    with pytest.raises(ShapeError, match=r"num_strides=2 .* 3 strides"):
+        ContextPredictionLoss(nb, GaussianSamplingHead(3, num_strides=2))
+    with pytest.raises(ValueRangeError, match="TokenNeighborhood"):
+        ContextPredictionLoss(nb, CategoricalHead(4))
+    with pytest.raises(ValueRangeError, match="CategoricalHead"):
+        ContextPredictionLoss(TokenNeighborhood(), GaussianSamplingHead(3))
+    with pytest.raises(ShapeError, match="stride_weights has 2"):
+        ContextPredictionLoss(nb, GaussianSamplingHead(3), stride_weights=(1.0, 1.0))
+    with pytest.raises(ValueRangeError, match="estimator"):
+        ContextPredictionLoss(nb, GaussianSamplingHead(3), estimator="hungarian")
+    loss_fn = _pixel_loss()
+    with pytest.raises(ShapeError, match=r"C_out=3 .* C=4"):
+        loss_fn(torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4))
+    with pytest.raises(ShapeError, match="ambiguous"):
+        loss_fn(torch.randn(2, 16, 8), torch.randn(2, 3, 4, 4))
+    with pytest.raises(ShapeError, match="batch"):
+        loss_fn(torch.randn(2, 8, 4, 4), torch.randn(3, 3, 4, 4))
+    with pytest.raises(ShapeError, match="resize='none'"):
+        _pixel_loss(resize="none")(torch.randn(2, 8, 4, 4), torch.randn(2, 3, 8, 8))
+    with pytest.raises(ShapeError, match="C_in=8"):
+        loss_fn(torch.randn(2, 6, 4, 4), torch.randn(2, 3, 4, 4))
+    token_loss = ContextPredictionLoss(TokenNeighborhood(grid_shape=(4, 4)), CategoricalHead(5))
+    with pytest.raises(ShapeError, match="no resize rule"):
+        token_loss(torch.randn(2, 4, 2, 2), torch.randint(0, 5, (2, 16)))
+    with pytest.raises(DTypeError, match="integer token ids"):
+        token_loss(torch.randn(2, 16, 4), torch.randn(2, 16, 4))
+    with pytest.raises(ShapeError, match="num_slots=8"):
+        ContextPredictionLoss(PixelNeighborhood(), NaiveHead(3, num_slots=4))(
+            torch.randn(1, 4, 3, 3), torch.randn(1, 3, 3, 3))
