@@ -10,7 +10,9 @@ docstrings are parsed) this extension rewrites, without touching the source file
   a cross-reference when ``name`` resolves to a public object of a module listed in
   ``link_modules`` (pages that render all its public members), otherwise inline code, so a
   reference can never break ``mkdocs build --strict``;
-* a lone ``Example:`` heading   -> ``Examples:`` so doctest lines become highlighted code.
+* a lone ``Example:`` heading   -> ``Examples:`` so doctest lines become highlighted code;
+* RST "simple tables" (columns framed by ``=====  =====`` rules) -> Markdown pipe tables;
+* a literal block introduced by ``::`` -> a fenced ``python`` code block.
 
 Configured in ``mkdocs.yml`` under the python handler's ``extensions`` option.
 """
@@ -25,6 +27,100 @@ import griffe
 _ROLE = re.compile(r":(func|class|meth|mod|attr|exc|data|obj):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
+_TABLE_RULE = re.compile(r"^\s*=+(\s+=+)+\s*$")
+
+
+def _indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _cells(line: str, spans: list[tuple[int, int]]) -> list[str]:
+    """Split a row of a simple table into its cells.
+
+    Cells are separated by runs of 2+ spaces when that gives one cell per column (tolerates a
+    cell that overflows its rule); otherwise the row is cut at the column starts of the rule.
+    """
+    parts = re.split(r"\s{2,}", line.strip())
+    if len(parts) == len(spans):
+        return [part.replace("|", "\\|") for part in parts]
+    bounds: list[int | None] = [start for start, _ in spans[1:]]
+    bounds.append(None)
+    row, prev = [], spans[0][0]
+    for bound in bounds:
+        row.append(line[prev:bound].strip().replace("|", "\\|"))
+        if bound is not None:
+            prev = bound
+    return row
+
+
+def _simple_tables(text: str) -> str:
+    """Turn RST simple tables (``===  ===`` rule, header, rule, rows, rule) into pipe tables."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        rule = lines[i]
+        if not _TABLE_RULE.match(rule):
+            out.append(rule)
+            i += 1
+            continue
+        spans = [m.span() for m in re.finditer(r"=+", rule)]
+        end = i + 1
+        rules = [i]
+        while end < len(lines) and lines[end].strip() and len(rules) < 3:
+            if _TABLE_RULE.match(lines[end]):
+                rules.append(end)
+            end += 1
+        if len(rules) < 3:
+            out.append(rule)
+            i += 1
+            continue
+        indent = rule[: _indent_of(rule)]
+        header = _cells(lines[rules[0] + 1], spans)
+        body = [_cells(line, spans) for line in lines[rules[1] + 1 : rules[2]] if line.strip()]
+        out.append("")
+        out.append(indent + "| " + " | ".join(header) + " |")
+        out.append(indent + "|" + "---|" * len(header))
+        out.extend(indent + "| " + " | ".join(row) + " |" for row in body)
+        out.append("")
+        i = rules[2] + 1
+    return "\n".join(out)
+
+
+def _literal_blocks(text: str) -> str:
+    """Turn ``::``-introduced indented literal blocks into fenced python code blocks."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.rstrip()
+        if not stripped.endswith("::") or stripped.lstrip().startswith(".. "):
+            out.append(line)
+            i += 1
+            continue
+        base = _indent_of(line)
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        if j >= len(lines) or _indent_of(lines[j]) <= base:
+            out.append(line)
+            i += 1
+            continue
+        lead = stripped[:-2].rstrip()
+        if lead.strip():
+            out.append(lead + ":")
+        block: list[str] = []
+        while j < len(lines) and (not lines[j].strip() or _indent_of(lines[j]) > base):
+            block.append(lines[j])
+            j += 1
+        while block and not block[-1].strip():
+            block.pop()
+        cut = min(_indent_of(b) for b in block if b.strip())
+        pad = " " * base
+        out.extend(["", pad + "```python", *(pad + b[cut:] for b in block), pad + "```", ""])
+        i = j
+    return "\n".join(out)
 
 
 def _math_blocks(text: str) -> str:
@@ -80,6 +176,7 @@ class RstDocstrings(griffe.Extension):
 
     def _rewrite(self, text: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
         text = _math_blocks(text)
+        text = _literal_blocks(_simple_tables(text))
         text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
         text = _ROLE.sub(lambda m: self._reference(m.group(2), obj, loader), text)
         return _EXAMPLE.sub(r"\1Examples:", text)
@@ -113,6 +210,11 @@ class RstDocstrings(griffe.Extension):
                 return None
             if final.is_module:
                 return canonical if canonical in self.link_modules else None
-            module = final.module.path
-            return canonical if module in self.link_modules else None
+            # mkdocstrings renders a member only when it and its parents carry a docstring.
+            node = final
+            while not node.is_module:
+                if not node.docstring:
+                    return None
+                node = node.parent
+            return canonical if node.path in self.link_modules else None
         return None
