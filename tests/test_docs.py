@@ -96,6 +96,7 @@ def test_page_code_runs(page: Path) -> None:
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
     torch.manual_seed(0)
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny examples: threads only add contention on a shared machine
     try:
         for line, source, skipped in blocks:
             if skipped:
