@@ -121,7 +121,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
 def _assignment_compatible(prep: Prepared) -> Tensor:
     """``()`` bool: every problem is uniform on supports of equal size (no host sync)."""
     a, b = prep.a, prep.b
-    na, nb = (a > 0).sum(-1), (b > 0).sum(-1)
+    na, nb = (a > 0).sum(-1).to(a.dtype), (b > 0).sum(-1).to(b.dtype)
     tol = 1e-5 if a.dtype == torch.float32 else 1e-10
     ua = ((a - 1.0 / na.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (a == 0)
     ub = ((b - 1.0 / nb.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (b == 0)

@@ -1,0 +1,428 @@
+"""Wasserstein estimators against independent oracles (POT, scipy, brute force) and properties."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linprog
+
+import ctxpred
+from ctxpred import functional as F
+from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError
+from ctxpred.wasserstein import (
+    ExactWasserstein,
+    GaussianWasserstein,
+    SinkhornWasserstein,
+    SlicedWasserstein,
+    assignment,
+    exact_wasserstein,
+    gaussian_w2,
+    gaussian_wasserstein,
+    sinkhorn_wasserstein,
+    sliced_wasserstein,
+    sqrtm_psd,
+    wasserstein,
+)
+
+SETTINGS = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=12, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids pool wake-ups (ms each on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def pot_oracle(x, y, a=None, b=None, p=2):
+    """ot.emd2 per problem, float64, on (B, N, D) / (B, M, D)."""
+    x, y = x.double().numpy(), y.double().numpy()
+    out = []
+    for k in range(x.shape[0]):
+        wa = np.full(x.shape[1], 1.0 / x.shape[1]) if a is None else a[k].double().numpy()
+        wb = np.full(y.shape[1], 1.0 / y.shape[1]) if b is None else b[k].double().numpy()
+        if wa.sum() == 0 or wb.sum() == 0:
+            out.append(0.0)
+            continue
+        cost = ot.dist(x[k], y[k], metric="sqeuclidean")
+        if p != 2:
+            cost = np.sqrt(cost) ** p
+        out.append(ot.emd2(wa / wa.sum(), wb / wb.sum(), cost))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def linprog_oracle(x, y, a, b):
+    """Transport LP solved by scipy's HiGHS (independent of POT), W_2^2, one problem."""
+    x, y, a, b = (t.double().numpy() for t in (x, y, a, b))
+    a, b = a / a.sum(), b / b.sum()
+    n, m = len(a), len(b)
+    cost = ((x[:, None] - y[None]) ** 2).sum(-1).ravel()
+    rows = np.kron(np.eye(n), np.ones((1, m)))
+    cols = np.kron(np.ones((1, n)), np.eye(m))
+    res = linprog(cost, A_eq=np.vstack([rows, cols]), b_eq=np.concatenate([a, b]),
+                  bounds=(0, None), method="highs")
+    return res.fun
+
+
+def clouds(seed, batch, n, m, d, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n, d, generator=g, dtype=dtype), torch.randn(
+        batch, m, d, generator=g, dtype=dtype
+    )
+
+
+# ---------------------------------------------------------------- exact vs oracles
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.integers(1, 9), st.integers(1, 6), st.sampled_from([1, 2, 3]))
+def test_exact_assignment_matches_pot(seed, n, d, p):
+    x, y = clouds(seed, 6, n, n, d)
+    got = exact_wasserstein(x, y, p=p, solver="assignment")
+    torch.testing.assert_close(got, pot_oracle(x, y, p=p), rtol=1e-5, atol=1e-9)
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.integers(2, 9), st.integers(1, 5))
+def test_exact_equal_masks_matches_pot(seed, n, d):
+    """0/1 masks with equal counts per problem (the loss's case) -> assignment path."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = clouds(seed, 8, n, n + 2, d)
+    counts = torch.randint(0, n + 1, (8,), generator=g)
+    mx = (torch.rand(8, n, generator=g).argsort(-1) < counts[:, None]).double()
+    my = (torch.rand(8, n + 2, generator=g).argsort(-1) < counts[:, None]).double()
+    got = exact_wasserstein(x, y, mx, 3.0 * my, solver="assignment")
+    torch.testing.assert_close(got, pot_oracle(x, y, mx, my), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(exact_wasserstein(x, y, mx, my), got)  # "auto" agrees
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 6), st.integers(1, 6), st.integers(1, 4))
+def test_exact_transport_matches_linprog(seed, n, m, d):
+    g = torch.Generator().manual_seed(seed)
+    x, y = clouds(seed, 3, n, m, d)
+    a = torch.rand(3, n, generator=g, dtype=torch.float64) * (torch.rand(3, n, generator=g) > 0.2)
+    b = torch.rand(3, m, generator=g, dtype=torch.float64)
+    a[:, 0] += 0.1  # at least one point with mass
+    got = exact_wasserstein(x, y, a, b)
+    want = torch.tensor([linprog_oracle(x[k], y[k], a[k], b[k]) for k in range(3)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_assignment_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(50, 5, 5, generator=g)
+    best = torch.stack(
+        [torch.stack([c[range(5), list(s)].sum() for s in itertools.permutations(range(5))]).min()
+         for c in cost]
+    )
+    match = assignment(cost)
+    assert (match.sort(-1).values == torch.arange(5)).all()
+    torch.testing.assert_close(cost.gather(2, match[..., None]).squeeze(-1).sum(-1), best)
+
+
+# ---------------------------------------------------------------- metric properties
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.integers(1, 8), st.integers(1, 5))
+def test_exact_properties(seed, n, d):
+    x, y = clouds(seed, 4, n, n, d)
+    w = exact_wasserstein(x, y)
+    perm_x, perm_y = torch.randperm(n), torch.randperm(n)
+    assert torch.all(exact_wasserstein(x, x) == 0)
+    torch.testing.assert_close(exact_wasserstein(y, x), w)
+    torch.testing.assert_close(exact_wasserstein(x[:, perm_x], y[:, perm_y]), w)
+    shift = torch.randn(4, 1, d, dtype=torch.float64) * 10
+    torch.testing.assert_close(exact_wasserstein(x + shift, y + shift), w, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(exact_wasserstein(3.0 * x, 3.0 * y), 9.0 * w)
+    # a zero-weight point changes nothing, wherever it is
+    far = torch.full((4, 1, d), 1e3, dtype=torch.float64)
+    xw = torch.cat([torch.ones(4, n, dtype=torch.float64), torch.zeros(4, 1)], 1)
+    torch.testing.assert_close(exact_wasserstein(torch.cat([x, far], 1), y, xw), w)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.sampled_from(["sinkhorn", "sliced", "gaussian"]))
+def test_other_estimators_invariances(seed, method):
+    x, y = clouds(seed, 4, 6, 6, 3)
+    opts = {"seed": 0} if method == "sliced" else {}
+    w = wasserstein(x, y, method=method, **opts)
+    perm = torch.randperm(6)
+    torch.testing.assert_close(wasserstein(x[:, perm], y, method=method, **opts), w)
+    shift = torch.randn(4, 1, 3, dtype=torch.float64)
+    torch.testing.assert_close(wasserstein(x + shift, y + shift, method=method, **opts), w)
+    torch.testing.assert_close(wasserstein(2.0 * x, 2.0 * y, method=method, **opts), 4.0 * w)
+    far = torch.full((4, 1, 3), 50.0, dtype=torch.float64)
+    yw = torch.cat([torch.ones(4, 6, dtype=torch.float64), torch.zeros(4, 1)], 1)
+    torch.testing.assert_close(
+        wasserstein(x, torch.cat([y, far], 1), None, yw, method=method, **opts), w
+    )
+
+
+def test_sinkhorn_converges_to_exact_as_blur_shrinks():
+    x, y = clouds(1, 64, 6, 6, 3)
+    exact = exact_wasserstein(x, y)
+    errors = [
+        ((sinkhorn_wasserstein(x, y, relative_blur=rb, iterations=it) - exact) / exact).abs().max()
+        for rb, it in ((1e-1, 40), (1e-2, 80), (1e-3, 200))
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 2e-3
+    # the plan is feasible, so the estimate bounds W from above
+    assert (sinkhorn_wasserstein(x, y) >= exact * (1 - 1e-9)).all()
+
+
+def test_sinkhorn_default_accuracy():
+    x, y = clouds(2, 512, 8, 8, 64, torch.float32)
+    rel = (sinkhorn_wasserstein(x, y) - exact_wasserstein(x, y)) / exact_wasserstein(x, y)
+    assert rel.mean().abs() < 3e-3
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 7), st.integers(1, 7))
+def test_debiased_sinkhorn_nonnegative_and_zero_on_equal(seed, n, m):
+    x, y = clouds(seed, 8, n, m, 3)
+    s = sinkhorn_wasserstein(x, y, debias=True, iterations=100)
+    scale = exact_wasserstein(x, y)
+    assert (s >= -1e-6 * scale - 1e-12).all()
+    torch.testing.assert_close(
+        sinkhorn_wasserstein(x, x, debias=True), torch.zeros(8, dtype=torch.float64),
+        atol=1e-9, rtol=0,
+    )
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(2, 5), st.integers(2, 5), st.integers(1, 4))
+def test_gaussian_matches_pot_bures(seed, n, m, d):
+    x, y = clouds(seed, 5, n + d, m + d, d)  # full-rank covariances: POT's sqrtm needs them
+    got = gaussian_wasserstein(x, y)
+    for k in range(5):
+        mx, my = x[k].mean(0).numpy(), y[k].mean(0).numpy()
+        cx = np.cov(x[k].numpy().T, bias=True).reshape(d, d)
+        cy = np.cov(y[k].numpy().T, bias=True).reshape(d, d)
+        want = ot.gaussian.bures_wasserstein_distance(mx, my, cx, cy) ** 2
+        assert got[k].item() == pytest.approx(float(want), rel=1e-5, abs=1e-8)
+        torch.testing.assert_close(
+            gaussian_w2(x[k].mean(0), torch.tensor(cx), y[k].mean(0), torch.tensor(cy)),
+            got[k], rtol=1e-6, atol=1e-9,
+        )
+    diag = gaussian_wasserstein(x, y, covariance="diag")
+    want_diag = (x.mean(1) - y.mean(1)).pow(2).sum(-1) + (
+        x.var(1, unbiased=False).sqrt() - y.var(1, unbiased=False).sqrt()
+    ).pow(2).sum(-1)
+    torch.testing.assert_close(diag, want_diag)
+
+
+@FAST
+@given(st.integers(0, 10**6), st.integers(1, 8), st.integers(1, 8), st.booleans())
+def test_sliced_1d_equals_exact_1d(seed, n, m, weighted):
+    g = torch.Generator().manual_seed(seed)
+    x, y = clouds(seed, 6, n, m, 1)
+    a = torch.rand(6, n, generator=g, dtype=torch.float64) + 0.05 if weighted else None
+    b = torch.rand(6, m, generator=g, dtype=torch.float64) + 0.05 if weighted else None
+    got = sliced_wasserstein(x, y, a, b, num_projections=3)
+    torch.testing.assert_close(got, pot_oracle(x, y, a, b), rtol=1e-6, atol=1e-9)
+    got1 = sliced_wasserstein(x, y, a, b, p=1, num_projections=2)
+    torch.testing.assert_close(got1, pot_oracle(x, y, a, b, p=1), rtol=1e-6, atol=1e-9)
+
+
+def test_sliced_reproducible_with_seed_and_generator():
+    x, y = clouds(3, 4, 5, 5, 6)
+    a = sliced_wasserstein(x, y, seed=7)
+    torch.testing.assert_close(sliced_wasserstein(x, y, seed=7), a)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(
+        sliced_wasserstein(x, y, generator=g1), sliced_wasserstein(x, y, generator=g2)
+    )
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_exact_gradcheck_and_envelope():
+    x, y = clouds(4, 3, 5, 5, 3)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: exact_wasserstein(a, b), (x, y))
+    mask = torch.tensor([[1.0, 1, 1, 0, 1]]).expand(3, 5)
+    assert torch.autograd.gradcheck(lambda a, b: exact_wasserstein(a, b, mask, mask), (x, y))
+    # envelope: dW/dx_i = 2 a_i (x_i - y_sigma(i))
+    (grad,) = torch.autograd.grad(exact_wasserstein(x, y).sum(), x)
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1).detach()
+    match = assignment(cost)
+    want = 2.0 / 5 * (x - y.gather(1, match[..., None].expand(-1, -1, 3))).detach()
+    torch.testing.assert_close(grad, want)
+
+
+def test_exact_transport_gradcheck():
+    x, y = clouds(5, 2, 4, 3, 2)
+    x.requires_grad_(True)
+    a = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64).expand(2, 4)
+    assert torch.autograd.gradcheck(lambda t: exact_wasserstein(t, y, a), (x,))
+
+
+def test_sinkhorn_gradcheck_debiased():
+    x, y = clouds(6, 2, 4, 5, 2)
+    x.requires_grad_(True)
+
+    def fn(t):
+        return sinkhorn_wasserstein(t, y, debias=True, blur=2.0, iterations=200,
+                                    overrelaxation=1.0)
+
+    assert torch.autograd.gradcheck(fn, (x,), atol=1e-5, rtol=1e-4)
+
+
+def test_sinkhorn_gradient_is_plan_weighted():
+    """Plain estimate: gradient = sum_j pi_ij grad C(x_i, y_j) = close to exact's near-Diracs."""
+    x, y = clouds(7, 32, 8, 8, 4)
+    x.requires_grad_(True)
+    (g_sk,) = torch.autograd.grad(sinkhorn_wasserstein(x, y).sum(), x)
+    (g_ex,) = torch.autograd.grad(exact_wasserstein(x, y).sum(), x)
+    cos = torch.nn.functional.cosine_similarity(g_sk.flatten(1), g_ex.flatten(1))
+    assert cos.mean() > 0.99
+
+
+# ---------------------------------------------------------------- degenerate inputs
+
+
+@pytest.mark.parametrize("method", ["exact", "sinkhorn", "sliced", "gaussian", "pot", "geomloss"])
+def test_all_masked_problem_is_zero_with_zero_grad(method):
+    x = torch.randn(3, 4, 2, requires_grad=True)
+    y = torch.randn(3, 4, 2)
+    mask = torch.ones(3, 4)
+    mask[1] = 0
+    value = wasserstein(x, y, None, mask, method=method)
+    assert value[1] == 0 and torch.isfinite(value).all()
+    value.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "sinkhorn", "sliced", "gaussian"])
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1e6])
+def test_identical_points_and_extreme_scales(method, scale):
+    x = torch.ones(2, 5, 3, requires_grad=True)
+    value = wasserstein(scale * x, scale * x.detach(), method=method)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(x.grad).all()
+    assert value.abs().max() <= 1e-6 * max(scale, 1.0) ** 2
+    a, b = clouds(8, 4, 6, 6, 3, torch.float32)
+    ref = wasserstein(a, b, method=method, **({"seed": 0} if method == "sliced" else {}))
+    if scale > 0:
+        got = wasserstein(scale * a, scale * b, method=method,
+                          **({"seed": 0} if method == "sliced" else {}))
+        torch.testing.assert_close(got / scale**2, ref, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_a_clear_error(bad):
+    x = torch.randn(2, 4, 3)
+    x[1, 2, 0] = bad
+    with pytest.raises(ValueRangeError, match="NaN or Inf"):
+        wasserstein(x, torch.randn(2, 4, 3))
+    with pytest.raises(ValueRangeError, match="non-negative"):
+        wasserstein(torch.randn(2, 4, 3), torch.randn(2, 4, 3), -torch.ones(2, 4))
+
+
+def test_errors_name_expected_and_actual():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ShapeError, match=r"share the batch dims.*\(2, 4, 3\).*\(3, 4, 3\)"):
+        wasserstein(x, torch.randn(3, 4, 3))
+    with pytest.raises(ShapeError, match=r"x_weights must have shape \(\.\.\., N\)"):
+        wasserstein(x, x, torch.ones(2, 5))
+    with pytest.raises(ShapeError):
+        wasserstein(torch.randn(4), torch.randn(4))
+    with pytest.raises(DTypeError, match="floating-point"):
+        wasserstein(x.long(), x)
+    with pytest.raises(ValueRangeError, match="method must be one of"):
+        wasserstein(x, x, method="hungarian")
+    with pytest.raises(ValueRangeError, match="p must be"):
+        wasserstein(x, x, p=0.5)
+    with pytest.raises(ValueRangeError, match="solver='assignment' needs"):
+        exact_wasserstein(x, x, torch.ones(2, 4), torch.tensor([[1.0, 1, 1, 0]] * 2),
+                          solver="assignment")
+    with pytest.raises(ValueRangeError, match="scaling"):
+        sinkhorn_wasserstein(x, x, scaling=1.5)
+    with pytest.raises(ValueRangeError, match="gaussian"):
+        wasserstein(x, x, method="gaussian", p=1)
+    with pytest.raises(ShapeError, match="cov_x"):
+        gaussian_w2(torch.zeros(3), torch.eye(2), torch.zeros(3), torch.eye(3))
+    assert issubclass(ShapeError, CtxpredError)
+
+
+# ---------------------------------------------------------------- API plumbing
+
+
+def test_modules_equal_functions_and_exports():
+    x, y = clouds(9, 3, 5, 5, 2)
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    for module, fn in (
+        (ExactWasserstein(), exact_wasserstein),
+        (SinkhornWasserstein(), sinkhorn_wasserstein),
+        (GaussianWasserstein(), gaussian_wasserstein),
+    ):
+        torch.testing.assert_close(module(x, y, None, mask), fn(x, y, None, mask))
+    torch.testing.assert_close(SlicedWasserstein(seed=1)(x, y), sliced_wasserstein(x, y, seed=1))
+    assert F.wasserstein is wasserstein
+    assert ctxpred.ExactWasserstein is ExactWasserstein
+
+
+def test_batch_dims_and_unequal_sizes():
+    x, y = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 4, 4)
+    for method in ("exact", "sinkhorn", "sliced", "gaussian"):
+        assert wasserstein(x, y, method=method).shape == (2, 3)
+    assert wasserstein(x[:, :0], y[:, :0], method="exact").shape == (2, 0)
+
+
+def test_low_precision_and_autocast_compute_in_float32():
+    x, y = clouds(10, 8, 6, 6, 4, torch.float32)
+    xb, yb = x.bfloat16(), y.bfloat16()
+    for method in ("exact", "sinkhorn", "gaussian"):
+        got = wasserstein(xb, yb, method=method)
+        assert got.dtype == torch.bfloat16
+        want = wasserstein(xb.float(), yb.float(), method=method)
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = wasserstein(x, y, method=method)
+        assert auto.dtype == torch.float32
+        torch.testing.assert_close(auto, wasserstein(x, y, method=method))
+
+
+def test_sqrtm_psd_backward_finite_on_singular():
+    a = torch.randn(5, 2, dtype=torch.float64)
+    mat = (a @ a.T).requires_grad_(True)  # rank 2, repeated zero eigenvalues
+    root = sqrtm_psd(mat)
+    torch.testing.assert_close(root @ root, mat.detach())
+    root.sum().backward()
+    assert torch.isfinite(mat.grad).all()
+    spd = (torch.randn(3, 3, dtype=torch.float64) + 3 * torch.eye(3)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: sqrtm_psd(m @ m.T + torch.eye(3)), (spd,))
+
+
+def test_compile_fullgraph_sinkhorn_sliced_gaussian():
+    x, y = torch.randn(4, 5, 3), torch.randn(4, 6, 3)
+    mask = torch.ones(4, 6)
+    mask[:, 0] = 0
+
+    def all_three(a, b, w):
+        return (
+            sinkhorn_wasserstein(a, b, None, w, iterations=5, check_finite=False)
+            + sliced_wasserstein(a, b, None, w, num_projections=4, check_finite=False)
+            + gaussian_wasserstein(a, b, None, w, check_finite=False)
+        )
+
+    compiled = torch.compile(all_three, fullgraph=True, backend="eager")
+    torch.manual_seed(0)
+    want = all_three(x, y, mask)
+    torch.manual_seed(0)
+    torch.testing.assert_close(compiled(x, y, mask), want)
