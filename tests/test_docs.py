@@ -15,6 +15,7 @@ the nav exists.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import re
 from pathlib import Path
@@ -152,3 +153,52 @@ def test_nav_pages_exist() -> None:
     assert "index.md" in nav
     missing = [p for p in nav if not (DOCS / p).is_file()]
     assert not missing, f"pages in the mkdocs.yml nav that do not exist: {missing}"
+
+
+def _rst_extension():
+    spec = importlib.util.spec_from_file_location("rst_docstrings", DOCS / "_ext/rst_docstrings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
+    import griffe
+
+    ext = _rst_extension()
+    text = "\n".join([
+        "Intro :math:`W_p^p` and :func:`neighbors`, :class:`~ctxpred.heads.NaiveHead`,",
+        ":func:`_private_helper`.",
+        "",
+        ".. math::",
+        "    a = b",
+        "",
+        "=====  =======",
+        "name   what",
+        "=====  =======",
+        "x      first",
+        "y      second",
+        "=====  =======",
+        "",
+        "Usage::",
+        "",
+        "    f(x)",
+        "",
+        "Example:",
+        "    >>> 1",
+    ])
+    loader = griffe.GriffeLoader()
+    package = loader.load("ctxpred")
+    extension = ext.RstDocstrings(link_modules=["ctxpred.neighborhoods", "ctxpred.heads"])
+    out = extension._rewrite(text, package["neighborhoods"], loader)
+    assert "$W_p^p$" in out and "$$\na = b\n$$" in out
+    assert "[`neighbors`][ctxpred.neighborhoods.neighbors]" in out
+    assert "[`NaiveHead`][ctxpred.heads.NaiveHead]" in out
+    assert "`_private_helper`" in out and "[`_private_helper`]" not in out
+    assert "| name | what |\n|---|---|\n| x | first |\n| y | second |" in out
+    assert "Usage:\n\n```python\nf(x)\n```" in out
+    assert "Examples:\n    >>> 1" in out
+    unlisted = ext.RstDocstrings(link_modules=["ctxpred.heads"])
+    assert unlisted._rewrite(":func:`neighbors`", package["neighborhoods"], loader) == (
+        "`neighbors`"
+    )
