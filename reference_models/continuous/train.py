@@ -1,0 +1,378 @@
+"""Training loop of the continuous reference model, with optional context prediction.
+
+Context prediction goes through ctxpred's public API only, as an outside user would write it::
+
+    losses = {name: ctxpred.ContextPredictionLoss(
+                  ctxpred.PixelNeighborhood(strides=(1, 2, 3)),
+                  ctxpred.GaussianSamplingHead(out_channels=1, in_channels=unet_channels[name],
+                                               num_strides=3),
+                  estimator="sinkhorn", weight=0.1, points=64)
+              for name in ("up_blocks.1", "up_blocks.2")}          # decoder blocks
+    predictor = ctxpred.attach(unet, losses)
+    point_loss = diffusion.loss(unet, x0)                           # hooks capture the blocks
+    loss = point_loss + predictor.loss(target=x0)                   # context of the clean image
+
+The heads are optimized with the UNet but live outside it: the EMA copy, the UNet's
+``state_dict`` and the samplers never see them (zero inference cost).
+
+Checkpoints (:meth:`Trainer.save_checkpoint`) hold the UNet, EMA, heads, optimizer, step, every
+random-number-generator state and the loss history, and are written atomically (temporary file +
+``os.replace``); :meth:`Trainer.train` writes one every ``checkpoint_every`` steps when given a
+path, so an interrupted run loses at most the steps since the last one, and a resumed run
+continues exactly as the uninterrupted run would have (same device and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+import ctxpred
+from ctxpred.errors import ValueRangeError
+from reference_models.continuous.diffusion import GaussianDiffusion, Prediction
+from reference_models.continuous.ema import EMA
+from reference_models.continuous.unet import UNet
+from reference_models.data import load_dataset
+
+__all__ = ["ContextConfig", "TrainConfig", "Trainer", "build_context_losses"]
+
+#: Config fields that may change when a run is resumed (length, logging, device).
+_RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "device"})
+
+
+@dataclass
+class ContextConfig:
+    """How context prediction is attached (see the module docstring).
+
+    Attributes:
+        layers: decoder blocks to hook (names in ``unet.named_modules()``); ``None``: the two
+            finest decoder blocks.
+        strides: neighborhood strides ``S``.
+        head: ``"gaussian"`` (distributional head + Wasserstein estimator, the method) or
+            ``"naive"`` (one linear prediction per neighbor slot + MSE, the baseline decoder).
+        estimator: Wasserstein estimator name for the Gaussian head.
+        weight: ``lambda`` of each layer's loss.
+        points: query points per image and step (count, fraction or ``None`` for all).
+        num_samples: ``Q`` of the Gaussian head.
+        latent_dim: latent size of the Gaussian head.
+        hidden_channels: width of the Gaussian head's decoder MLP.
+    """
+
+    layers: tuple[str, ...] | None = None
+    strides: tuple[int, ...] = (1, 2, 3)
+    head: Literal["gaussian", "naive"] = "gaussian"
+    estimator: str = "sinkhorn"
+    weight: float = 0.1
+    points: int | float | None = 64
+    num_samples: int = 8
+    latent_dim: int = 16
+    hidden_channels: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    dataset: str = "textures"
+    image_size: int | None = None
+    num_train_images: int | None = None
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    num_timesteps: int = 1000
+    prediction: Prediction = "eps"
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    dropout: float = 0.0
+    flip: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 25
+    checkpoint_every: int = 200
+    context: ContextConfig | None = field(default=None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``dataclasses.asdict`` (tuples and the nested context restored)."""
+        data = dict(data)
+        ctx = data.pop("context", None)
+        for key in ("channel_mults",):
+            data[key] = tuple(data[key])
+        config = cls(**data)
+        if ctx is not None:
+            ctx = dict(ctx)
+            ctx["strides"] = tuple(ctx["strides"])
+            ctx["layers"] = None if ctx["layers"] is None else tuple(ctx["layers"])
+            config.context = ContextConfig(**ctx)
+        return config
+
+
+def build_context_losses(
+    unet: UNet, context: ContextConfig, image_channels: int
+) -> dict[str, ctxpred.ContextPredictionLoss]:
+    """``{decoder block name: ContextPredictionLoss}`` for :func:`ctxpred.attach`.
+
+    Example:
+        >>> net = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2))
+        >>> losses = build_context_losses(net, ContextConfig(), image_channels=1)
+        >>> sorted(losses), type(losses["up_blocks.1"].head).__name__
+        (['up_blocks.0', 'up_blocks.1'], 'GaussianSamplingHead')
+    """
+    channels = unet.decoder_channels()
+    layers = context.layers if context.layers is not None else tuple(channels)[-2:]
+    unknown = [name for name in layers if name not in channels]
+    if unknown:
+        raise ValueRangeError(f"unknown decoder blocks {unknown}; the UNet has {list(channels)}")
+    num_strides = len(context.strides)
+    losses = {}
+    for name in layers:
+        if context.head == "gaussian":
+            head: ctxpred.ContextHead = ctxpred.GaussianSamplingHead(
+                out_channels=image_channels, in_channels=channels[name],
+                num_samples=context.num_samples, latent_dim=context.latent_dim,
+                hidden_channels=context.hidden_channels, num_strides=num_strides,
+            )
+        elif context.head == "naive":
+            head = ctxpred.NaiveHead(out_channels=image_channels, num_slots=8,
+                                     in_channels=channels[name], num_strides=num_strides)
+        else:
+            raise ValueRangeError(f"head must be 'gaussian' or 'naive', got {context.head!r}")
+        losses[name] = ctxpred.ContextPredictionLoss(
+            ctxpred.PixelNeighborhood(strides=context.strides), head,
+            estimator=context.estimator, weight=context.weight, points=context.points,
+        )
+    return losses
+
+
+class Trainer:
+    """Builds data, UNet, EMA, diffusion, (optional) context heads and optimizer from a config.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        checkpoint: path of the run's checkpoint; if the file exists, training resumes from it.
+        train_images: optional ``(N, C, H, W)`` tensor in ``[-1, 1]`` instead of the dataset.
+
+    Example:
+        >>> cfg = TrainConfig(dataset="digits", steps=2, batch_size=4, base_channels=8,
+        ...                   channel_mults=(1, 2), num_timesteps=50, context=ContextConfig())
+        >>> trainer = Trainer(cfg)
+        >>> history = trainer.train(progress=False)
+        >>> trainer.step, sorted(history[-1])
+        (2, ['context_loss', 'point_loss', 'step', 'time'])
+        >>> trainer.sample(2, num_steps=2).shape
+        torch.Size([2, 1, 16, 16])
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        checkpoint: str | os.PathLike | None = None,
+        train_images: Tensor | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if train_images is None:
+            train_images = load_dataset(config.dataset, "train", image_size=config.image_size,
+                                        num_samples=config.num_train_images, seed=config.seed)
+        self.data = train_images.to(self.device)
+        channels = self.data.shape[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = UNet(channels, config.base_channels, config.channel_mults,
+                              config.num_res_blocks, dropout=config.dropout).to(self.device)
+            self.ema = EMA(self.model, config.ema_decay)  # before attach: no hooks, no heads
+            self.predictor: ctxpred.ContextPredictor | None = None
+            if config.context is not None:
+                losses = build_context_losses(self.model, config.context, channels)
+                self.predictor = ctxpred.attach(self.model, losses).to(self.device)
+        self.diffusion = GaussianDiffusion(config.num_timesteps, config.prediction).to(self.device)
+        params = list(self.model.parameters())
+        if self.predictor is not None:
+            params += list(self.predictor.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        # the global RNGs (dropout, ctxpred's point subsets and head noise) are owned per trainer
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            torch.manual_seed(config.seed + 2)
+            self._rng_state = self._get_global_rng()
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.load_checkpoint(self.checkpoint)
+
+    # -- random-number generators ---------------------------------------------------------------
+    def _cuda_devices(self) -> list[int]:
+        if self.device.type == "cuda":
+            return [self.device.index if self.device.index is not None
+                    else torch.cuda.current_device()]
+        return []
+
+    def _get_global_rng(self) -> dict[str, Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _set_global_rng(self, state: dict[str, Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            self._set_global_rng(self._rng_state)
+            yield
+            self._rng_state = self._get_global_rng()
+
+    # -- training ------------------------------------------------------------------------------
+    def _batch(self) -> Tensor:
+        idx = torch.randint(0, len(self.data), (self.config.batch_size,), generator=self.generator)
+        x0 = self.data[idx.to(self.device)]
+        if self.config.flip:
+            flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            x0 = torch.where(flip.to(self.device)[:, None, None, None], x0.flip(-1), x0)
+        return x0
+
+    def train_step(self) -> tuple[Tensor, Tensor]:
+        """One optimizer step; returns detached ``(point_loss, context_loss)`` (0 without ctx)."""
+        cfg = self.config
+        self.model.train()
+        lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._own_rng():
+            x0 = self._batch()
+            point = self.diffusion.loss(self.model, x0, generator=self.generator)
+            if self.predictor is not None:
+                context = self.predictor.loss(target=x0)
+            else:
+                context = torch.zeros((), device=self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            (point + context).backward()
+            if cfg.grad_clip > 0:
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return point.detach(), context.detach()
+
+    def train(self, steps: int | None = None, progress: bool = True) -> list[dict[str, float]]:
+        """Train until ``steps`` (default ``config.steps``) total steps; returns the history.
+
+        Every ``log_every`` steps one record per step is appended to :attr:`history` (``step``,
+        ``point_loss``, ``context_loss``, ``time`` = wall seconds of training so far) and shown
+        in the tqdm bar; a checkpoint is written every ``checkpoint_every`` steps and at the end
+        when the trainer has a checkpoint path.
+        """
+        from tqdm.auto import tqdm
+
+        target = self.config.steps if steps is None else steps
+        start_time = time.perf_counter()
+        offset = self.history[-1]["time"] if self.history else 0.0
+        pending: list[tuple[int, Tensor, Tensor]] = []
+        with tqdm(total=target, initial=self.step, disable=not progress,
+                  desc="ctx" if self.predictor is not None else "base", leave=False) as bar:
+            while self.step < target:
+                point, context = self.train_step()
+                pending.append((self.step, point, context))
+                bar.update(1)
+                done = self.step == target
+                if len(pending) >= self.config.log_every or done:
+                    self._flush(pending, offset + time.perf_counter() - start_time, bar)
+                    pending = []
+                if self.checkpoint is not None and (
+                    self.step % self.config.checkpoint_every == 0 or done
+                ):
+                    self.save_checkpoint(self.checkpoint)
+        return self.history
+
+    def _flush(self, pending: list[tuple[int, Tensor, Tensor]], elapsed: float, bar: Any) -> None:
+        values = torch.stack([torch.stack([p, c]) for _, p, c in pending]).cpu().tolist()
+        for (step, _, _), (point, context) in zip(pending, values):
+            self.history.append({"step": step, "point_loss": point, "context_loss": context,
+                                 "time": elapsed})
+        bar.set_postfix(point=f"{values[-1][0]:.4f}", context=f"{values[-1][1]:.4f}")
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sample(self, num: int, sampler: Literal["ddim", "ddpm"] = "ddim", num_steps: int = 50,
+               seed: int = 0, batch_size: int = 256) -> Tensor:
+        """``num`` samples ``(num, C, H, W)`` in ``[-1, 1]`` from the EMA weights (CPU tensor)."""
+        gen = torch.Generator().manual_seed(seed)
+        shape = tuple(self.data.shape[1:])
+        model = self.ema.model.eval()
+        out = []
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            if sampler == "ddim":
+                x = self.diffusion.ddim_sample(model, (n, *shape), num_steps, generator=gen,
+                                               device=self.device)
+            else:
+                x = self.diffusion.ddpm_sample(model, (n, *shape), num_steps, generator=gen,
+                                               device=self.device)
+            out.append(x.cpu())
+        return torch.cat(out)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "heads": self.predictor.heads.state_dict() if self.predictor is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "global_rng": self._rng_state,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the configs must agree except for :data:`_RESUMABLE`."""
+        saved = {k: v for k, v in state["config"].items() if k not in _RESUMABLE}
+        mine = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE}
+        if saved != mine:
+            diff = sorted(k for k in mine if saved.get(k) != mine[k])
+            raise ValueRangeError(
+                f"checkpoint was written by a run with another config; differing fields {diff}: "
+                f"checkpoint {[saved.get(k) for k in diff]}, this run {[mine[k] for k in diff]}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if self.predictor is not None:
+            self.predictor.heads.load_state_dict(state["heads"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self._rng_state = state["global_rng"]
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` atomically: a temporary file in the same folder, then
+        ``os.replace`` (a crash leaves the previous checkpoint intact)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (onto this trainer's device)."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
