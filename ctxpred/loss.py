@@ -30,7 +30,7 @@ estimator is batched, differentiable and runs on the device for any sizes and ma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -79,6 +79,21 @@ def _core(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+class _NamedEstimator:
+    """``wasserstein(..., method=name, **options)`` as a picklable callable."""
+
+    def __init__(self, method: str, options: dict[str, Any]) -> None:
+        self.method, self.options = method, options
+
+    def __call__(self, x: Tensor, y: Tensor, xw: Tensor | None, yw: Tensor | None) -> Tensor:
+        from ctxpred.wasserstein import wasserstein
+
+        return wasserstein(x, y, xw, yw, method=self.method, **self.options)
+
+    def __repr__(self) -> str:
+        return f"wasserstein[{self.method}]"
+
+
 def resolve_estimator(estimator: EstimatorSpec, **options: Any) -> Estimator:
     """A callable ``(x, y, x_weights, y_weights) -> W_p^p`` from a name, module or callable.
 
@@ -97,15 +112,7 @@ def resolve_estimator(estimator: EstimatorSpec, **options: Any) -> Estimator:
                 f"estimator must be one of {_ESTIMATOR_NAMES}, a module or a callable, "
                 f"got {estimator!r}"
             )
-        from ctxpred.wasserstein import wasserstein
-
-        opts = {"check_finite": False, **options}
-
-        def by_name(x: Tensor, y: Tensor, xw: Tensor | None, yw: Tensor | None) -> Tensor:
-            return wasserstein(x, y, xw, yw, method=estimator, **opts)
-
-        by_name.__name__ = f"wasserstein[{estimator}]"
-        return by_name
+        return _NamedEstimator(estimator, {"check_finite": False, **options})
     if callable(estimator):
         return estimator
     raise ValueRangeError(
@@ -327,11 +334,11 @@ def categorical_divergence(
                 "a codebook needs the sampling mode (samples=...): the estimators do not "
                 "differentiate through the weights of a distribution over codebook entries"
             )
-        probs = torch.softmax(logits.float(), dim=-1)
-        hist = torch.zeros_like(probs).scatter_add_(-1, ids, weight)
+        probs = torch.softmax(_core(logits), dim=-1)
+        hist = torch.zeros_like(probs).scatter_add_(-1, ids, weight.to(probs.dtype))
         hist = hist / weight.sum(-1, keepdim=True).clamp_min(1.0)
         value = 1.0 - torch.minimum(probs, hist).sum(-1)
-        return value * mask.any(-1).float()
+        return value * mask.any(-1).to(value.dtype)
 
 
 def reduce_context_loss(
@@ -463,6 +470,8 @@ class ContextPredictionLoss(nn.Module):
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
         grid_shape: token grid ``(h, w)`` of ``(B, L, C)`` features.
         resize: how a target is brought to the layer grid.
+        estimator_options: keyword options for a named estimator, e.g.
+            ``{"iterations": 10}`` for ``"sinkhorn"`` (``check_finite=False`` is preset).
 
     Example:
         >>> from ctxpred import PixelNeighborhood, GaussianSamplingHead
@@ -491,6 +500,7 @@ class ContextPredictionLoss(nn.Module):
         *,
         grid_shape: Sequence[int] | None = None,
         resize: ResizeMode = "auto",
+        estimator_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         strides = getattr(neighborhood, "strides", None)
@@ -548,7 +558,13 @@ class ContextPredictionLoss(nn.Module):
         self.neighborhood = neighborhood
         self.head = head
         self.estimator = estimator
-        self._estimator_fn = resolve_estimator(estimator) if isinstance(estimator, str) else None
+        if estimator_options and not isinstance(estimator, str):
+            raise ValueRangeError(
+                "estimator_options apply to an estimator given by name; configure a module or "
+                "callable estimator directly"
+            )
+        self._estimator_fn = (resolve_estimator(estimator, **(estimator_options or {}))
+                              if isinstance(estimator, str) else None)
         self.weight = float(weight)
         self.points = points
         self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)

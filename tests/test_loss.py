@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import ot
 import pytest
@@ -375,3 +377,33 @@ def test_loss_errors_are_clear():
     with pytest.raises(ShapeError, match="num_slots=8"):
         ContextPredictionLoss(PixelNeighborhood(), NaiveHead(3, num_slots=4))(
             torch.randn(1, 4, 3, 3), torch.randn(1, 3, 3, 3))
+
+
+def test_float64_gradcheck_of_the_divergences():
+    g = torch.Generator().manual_seed(0)
+    mask = _random_mask(g, (1, 2, 2, 8))
+    values = torch.randn(1, 2, 2, 8, 2, generator=g, dtype=torch.float64)
+    pred = torch.randn(1, 2, 2, 8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: naive_divergence(p, values, mask), (pred,))
+    ids = torch.randint(0, 4, (1, 2, 2, 8), generator=g)
+    logits = torch.randn(1, 2, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda lg: categorical_divergence(CategoricalPrediction(lg, None, None), ids, mask),
+        (logits,))
+    mean = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    log_var = torch.randn(1, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    full = torch.ones_like(mask)
+    assert torch.autograd.gradcheck(
+        lambda m, v: moment_divergence(MomentPrediction(m, v, None), values, full),
+        (mean, log_var))
+
+
+def test_loss_module_pickles_and_takes_estimator_options():
+    loss_fn = _pixel_loss(estimator_options={"iterations": 5})
+    clone = pickle.loads(pickle.dumps(loss_fn))
+    feats, target = torch.randn(1, 8, 4, 4), torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(
+        clone(feats, target, generator=torch.Generator().manual_seed(0)),
+        loss_fn(feats, target, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueRangeError, match="estimator_options"):
+        _pixel_loss(estimator=lambda x, y, a, b: x.sum((-1, -2)), estimator_options={"p": 1})
