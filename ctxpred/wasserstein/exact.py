@@ -42,6 +42,8 @@ __all__ = ["ExactWasserstein", "assignment", "exact_wasserstein"]
 
 Solver = Literal["auto", "assignment", "transport"]
 
+_BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
+
 
 @torch.no_grad()
 def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor | None = None
@@ -72,50 +74,87 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         col_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
     if n == 0:
         return torch.empty(bsz, 0, dtype=torch.long, device=device)
-    # 1-based as in the textbook algorithm: row 0 is a dummy, column 0 the virtual root.
-    big = cost.new_zeros(bsz, n + 1, n + 1)
-    big[:, 1:, 1:] = cost
-    u = cost.new_zeros(bsz, n + 1)
-    v = cost.new_zeros(bsz, n + 1)
-    owner = torch.zeros(bsz, n + 1, dtype=torch.long, device=device)  # row owning column j
-    way = torch.zeros(bsz, n + 1, dtype=torch.long, device=device)
-    rows = torch.arange(bsz, device=device)
-    blocked = torch.cat([torch.zeros(bsz, 1, dtype=torch.bool, device=device), ~col_valid], 1)
-    inf = torch.tensor(float("inf"), dtype=cost.dtype, device=device)
-    zero = cost.new_zeros(())
-    for i in range(1, n + 1):
-        active = row_valid[:, i - 1].clone()
-        row_active = active.clone()
-        owner[:, 0] = i
-        j0 = torch.zeros(bsz, dtype=torch.long, device=device)
-        minv = torch.full((bsz, n + 1), float("inf"), dtype=cost.dtype, device=device)
-        used = blocked.clone()
-        # Phase i: at most i Dijkstra steps (one per already matched column, plus the root).
-        for _ in range(i):
-            used[rows, j0] |= active
-            i0 = owner[rows, j0]
-            cur = big[rows, i0] - u[rows, i0].unsqueeze(1) - v
-            better = (~used) & (cur < minv) & active.unsqueeze(1)
-            minv = torch.where(better, cur, minv)
-            way = torch.where(better, j0.unsqueeze(1), way)
-            delta, j1 = torch.where(used, inf, minv).min(1)
-            delta = torch.where(active, delta, zero)
-            add = torch.where(used, delta.unsqueeze(1), zero)
-            u.scatter_add_(1, owner, add)
-            v = v - add
-            minv = minv - torch.where(used, zero, delta.unsqueeze(1))
-            j0 = torch.where(active, j1, j0)
-            active = active & (owner[rows, j0] != 0)
-        # Augment along the alternating path back to the root (at most i edges).
-        for _ in range(i):
-            j1 = way[rows, j0]
-            owner[rows, j0] = torch.where(row_active, owner[rows, j1], owner[rows, j0])
-            j0 = torch.where(row_active, j1, j0)
-            row_active = row_active & (j0 != 0)
-    col_of_row = torch.full((bsz, n + 1), -1, dtype=torch.long, device=device)
-    col_of_row.scatter_(1, owner[:, 1:], torch.arange(n, device=device).expand(bsz, n))
-    col_of_row = col_of_row[:, 1:]
-    return torch.where(row_valid, col_of_row, torch.full_like(col_of_row, -1))
+    # Crouse's shortest augmenting path (the algorithm of scipy's linear_sum_assignment), one
+    # row per phase, every problem at once. Duals u (rows) and v (columns) change only at the
+    # end of a phase; inside it, Dijkstra keeps the path costs `spc` of the unvisited columns.
+    # Problems run along the last axis -- (n, B) layout -- so reductions over columns vectorize.
+    cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
+    row_valid, col_valid = row_valid.t(), col_valid.t()
+    u = cost.new_zeros(n, bsz)
+    v = cost.new_zeros(n, bsz)
+    row4col = torch.full((n, bsz), -1, dtype=torch.long, device=device)
+    col4row = torch.full((n, bsz), -1, dtype=torch.long, device=device)
+    blocked = ~col_valid
+    big = _BIG
+    rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
+    row4col_f = cost.new_full((n, bsz), -1.0)  # row4col as float, for the inner loop
+    for r in range(n):
+        valid = row_valid[r : r + 1]
+        act = valid.to(cost.dtype)  # 1 while the problem still searches in this phase
+        min_val = cost.new_zeros(1, bsz)
+        spc = cost.new_full((n, bsz), big)  # path costs of unvisited columns (big: visited)
+        spc_at_visit = cost.new_zeros(n, bsz)
+        visited_f = cost.new_zeros(n, bsz)
+        neg_v = (-v).masked_fill_(blocked, big)  # +big also marks visited columns
+        path_f = cost.new_zeros(n, bsz)
+        row_i = cost.new_full((1, bsz), float(r))
+        row_l = torch.full((1, bsz), r, dtype=torch.long, device=device)
+        u_i = u[r : r + 1].clone()
+        sink = cost.new_full((1, bsz), -1.0)
+        # Phase r: at most r + 1 Dijkstra steps (one per matched column, plus the free one).
+        # Float arithmetic only (0/1 masks, indices as floats): CPU bool kernels are slow here.
+        for step in range(r + 1):
+            offset = min_val - u_i + (1.0 - act) * big
+            if step == 0:
+                row = cost_t[r]
+            else:
+                index = row_l.unsqueeze(1).expand(1, n, bsz)
+                row = torch.gather(cost_t, 0, index).squeeze(0)
+            reduced = row + neg_v + offset
+            better = torch.sign(spc - reduced).clamp_min_(0.0)
+            spc = torch.minimum(spc, reduced)
+            path_f = path_f + better * (row_i - path_f)
+            low = spc.amin(0, keepdim=True)
+            key = rows_f + n * torch.sign(spc - low)
+            j_f = key.amin(0, keepdim=True)
+            j = j_f.long()
+            min_val = min_val + act * (low - min_val)
+            got = spc_at_visit.gather(0, j)
+            spc_at_visit.scatter_(0, j, got + act * (low - got))
+            got = spc.gather(0, j)
+            spc.scatter_(0, j, got + act * (big - got))
+            got = neg_v.gather(0, j)
+            neg_v.scatter_(0, j, got + act * (big - got))
+            got = visited_f.gather(0, j)
+            visited_f.scatter_(0, j, got + act * (1.0 - got))
+            owner = row4col_f.gather(0, j)
+            free = (-owner).clamp_min_(0.0)  # 1 if the column is unmatched (owner -1)
+            sink = sink + act * free * (j_f - sink)
+            row_i = row_i + act * (1.0 - free) * (owner - row_i)
+            row_l = row_i.long()
+            u_i = u.gather(0, row_l)
+            act = act * (1.0 - free)
+        visited = visited_f > 0.5
+        path = path_f.long()
+        sink = sink.long()
+        # Dual update: visited rows and columns move by min_val minus their path cost.
+        shift = torch.where(visited, min_val - spc_at_visit, 0.0)
+        u.scatter_add_(0, row4col.clamp_min(0), torch.where(row4col >= 0, shift, 0.0))
+        u[r : r + 1] += torch.where(valid, min_val, 0.0)
+        v = v - shift
+        # Augment along the alternating path from the sink back to row r.
+        going = valid & (sink >= 0)
+        j = sink.clamp_min(0)
+        for _ in range(r + 1):
+            i = path.gather(0, j)
+            row4col.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)))
+            row4col_f.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)).to(cost.dtype))
+            previous = col4row.gather(0, i)
+            col4row.scatter_(0, i, torch.where(going, j, previous))
+            going = going & (i != r)
+            j = torch.where(going, previous.clamp_min(0), j)
+    col4row = col4row.t()
+    return torch.where(row_valid.t(), col4row, torch.full_like(col4row, -1))
 
 
 def _assignment_compatible(prep: Prepared) -> Tensor:
