@@ -227,3 +227,72 @@ def test_denoiser_shapes_and_errors():
         net(torch.zeros(2, 15, dtype=torch.long), torch.tensor([1, 2]))
     with torch.no_grad():
         assert math.isfinite(float(net(x, torch.tensor([0, 20])).sum()))
+
+
+# ------------------------------------------------------------------ context prediction, training
+
+
+def test_context_loss_gradients_reach_the_transformer():
+    from reference_models.discrete.training import DiscreteConfig, build_context_predictor
+
+    net, d = _tiny(vocab=17)
+    tok = IntensityTokenizer(17)
+    config = DiscreteConfig(context=True, context_points=None, context_samples=4)
+    predictor = build_context_predictor(net, tok, config)
+    x0 = torch.randint(0, 17, (3, 16), generator=torch.Generator().manual_seed(0))
+    d.loss(net, x0)  # the forward the hooks capture from
+    ctx = predictor.loss(target=x0)
+    assert ctx.ndim == 0 and bool(torch.isfinite(ctx)) and float(ctx) > 0
+    ctx.backward()
+    for name in ("token_embed.weight", "blocks.0.attn.in_proj_weight", "blocks.1.mlp.0.weight"):
+        grad = dict(net.named_parameters())[name].grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+    assert all(p.grad is not None for p in predictor.parameters())
+    # the heads stay out of the model: state_dict unchanged, no hook left after remove()
+    assert not any("head" in k for k in net.state_dict())
+    predictor.remove()
+    assert not net._forward_hooks and not net.norm._forward_hooks
+
+
+def _tiny_config(**kw):
+    from reference_models.discrete.training import DiscreteConfig
+
+    base = dict(dataset="digits", train_samples=64, dim=16, depth=1, heads=2, batch_size=8,
+                train_steps=4, num_steps=10, warmup=1, checkpoint_every=2, context=True,
+                context_points=4, context_samples=2)
+    base.update(kw)
+    return DiscreteConfig(**base)
+
+
+def test_train_resumes_exactly_from_an_atomic_checkpoint(tmp_path, monkeypatch):
+    from reference_models.discrete.training import generate, train
+
+    reference = train(_tiny_config(), progress=False)
+    assert len(reference.history) == 4
+    assert all(math.isfinite(r["loss"]) and r["context"] > 0 for r in reference.history)
+
+    path = tmp_path / "run.pt"
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run dies after the step-2 checkpoint
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_config(), path, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temporary file left
+
+    resumed = train(_tiny_config(), path, progress=False)
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, msg=key)
+    with pytest.raises(ValueRangeError, match="another config"):
+        train(_tiny_config(lr=0.5), path, progress=False)
+
+    images = generate(resumed, 3, num_steps=4)
+    assert images.shape == (3, 1, 8, 8) and float(images.abs().max()) <= 1.0

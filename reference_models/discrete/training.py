@@ -249,11 +249,11 @@ def train(
         torch.manual_seed(config.seed)
         model = TokenTransformer(tokenizer.vocab_size, grid, dim=config.dim,
                                  depth=config.depth, heads=config.heads).to(device)
+        predictor = build_context_predictor(model, tokenizer, config) if config.context else None
     diffusion = MaskAndReplaceDiffusion(
         tokenizer.vocab_size, config.num_steps, gamma_bar_T=config.gamma_bar_T,
         objective=config.objective, ce_weight=config.ce_weight,
     ).to(device)
-    predictor = build_context_predictor(model, tokenizer, config) if config.context else None
     if predictor is not None:
         predictor.to(device)
     params = list(model.parameters())
@@ -270,10 +270,11 @@ def train(
         gen.set_state(state["generator"])
         step, history = state["step"], state["history"]
 
-    def save() -> None:
+    def save(step: int) -> None:
         if checkpoint is None:
             return
         atomic_save({
+            "global_rng": torch.get_rng_state(),
             "config": _config_key(config), "step": step, "history": history,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "heads": None if predictor is None else predictor.heads.state_dict(),
@@ -283,41 +284,47 @@ def train(
     model.train()
     bar = tqdm(total=config.train_steps, initial=step, disable=not progress,
                desc=f"discrete {config.dataset} ctx={config.context} seed={config.seed}")
-    try:
-        while step < config.train_steps:
-            idx = torch.randint(0, tokens.shape[0], (config.batch_size,), generator=gen)
-            x0 = tokens[idx.to(device)]
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * _lr_factor(step, config)
-            noise_gen = torch.Generator(device="cpu").manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=gen))
-            )
-            t = torch.randint(1, config.num_steps + 1, (config.batch_size,), generator=noise_gen)
-            out = diffusion.loss(model, x0, t.to(device),
-                                 generator=noise_gen if device == "cpu" else None)
-            total = out.loss
-            ctx = torch.zeros(())
+    # ctxpred draws its query points and Gumbel noise from the global generator: seed it (inside
+    # fork_rng, so the caller's stream is untouched) and keep its state in the checkpoint.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        if state is not None:
+            torch.set_rng_state(state["global_rng"])
+        try:
+            while step < config.train_steps:
+                idx = torch.randint(0, tokens.shape[0], (config.batch_size,), generator=gen)
+                x0 = tokens[idx.to(device)]
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(step, config)
+                noise_gen = torch.Generator(device="cpu").manual_seed(
+                    int(torch.randint(0, 2**62, (1,), generator=gen))
+                )
+                t = torch.randint(1, config.num_steps + 1, (config.batch_size,),
+                                  generator=noise_gen)
+                out = diffusion.loss(model, x0, t.to(device),
+                                     generator=noise_gen if str(device) == "cpu" else None)
+                total, ctx = out.loss, torch.zeros(())
+                if predictor is not None:
+                    ctx = predictor.loss(target=x0)
+                    total = total + ctx
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                step += 1
+                record = {"step": step, "loss": float(out.loss.detach()),
+                          "vb": float(out.vb.detach()), "ce": float(out.ce.detach()),
+                          "context": float(ctx.detach())}
+                history.append(record)
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", ctx=f"{record['context']:.3f}")
+                if step % config.checkpoint_every == 0 or step == config.train_steps:
+                    save(step)
+        finally:
+            bar.close()
             if predictor is not None:
-                ctx = predictor.loss(target=x0)
-                total = total + ctx
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            step += 1
-            record = {"step": step, "loss": float(out.loss.detach()),
-                      "vb": float(out.vb.detach()), "ce": float(out.ce.detach()),
-                      "context": float(ctx.detach())}
-            history.append(record)
-            bar.update(1)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", ctx=f"{record['context']:.3f}")
-            if step % config.checkpoint_every == 0 or step == config.train_steps:
-                save()
-    finally:
-        bar.close()
-        if predictor is not None:
-            predictor.remove()  # the context decoder is dropped: sampling runs the model alone
+                predictor.remove()  # the context decoder is dropped: sampling runs the model alone
     model.eval()
     return TrainResult(model, diffusion, tokenizer, config, history,
                        None if predictor is None else predictor.heads)
