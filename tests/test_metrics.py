@@ -140,3 +140,16 @@ def test_errors_name_shapes() -> None:
         neighborhood_discrepancy(torch.zeros(32, 32), torch.zeros(32, 32))
     with pytest.raises(CtxpredError, match="known_mask"):
         inpainting_metrics(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.ones(2, 8, 8))
+
+
+def test_quality_aggregate_mean_std_and_difference() -> None:
+    from benchmarks.quality import aggregate
+
+    results = {"d/baseline/0": {"swd": 1.0}, "d/baseline/1": {"swd": 3.0},
+               "d/context/0": {"swd": 0.5}, "d/context/1": {"swd": 1.5},
+               "d/naive-mse/0": {"swd": 2.0}}
+    text = aggregate(results)
+    assert "| baseline | 2 | 2.0000 +- 1.4142 |" in text
+    assert "| context | 2 | 1.0000 +- 0.7071 |" in text
+    assert "| naive-mse | 1 | 2.0000 |" in text
+    assert "- swd: -1.0000 (-50.0%, -0.89 std)" in text

@@ -141,3 +141,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
         Trainer(_tiny(ContextConfig(layers=("up_blocks.9",))))
     with pytest.raises(CtxpredError, match="mask kind"):
         make_mask("circle", 1, 8)  # type: ignore[arg-type]
+
+
+def test_context_loss_reaches_the_unet() -> None:
+    """Same seed and data: only the context loss differs, so the UNets must drift apart."""
+    runs = [Trainer(_tiny(ctx, steps=3, seed=1)) for ctx in (None, ContextConfig(points=16))]
+    for run in runs:
+        run.train(progress=False)
+    decoder = [dict(r.model.up_blocks.named_parameters()) for r in runs]
+    assert any(not torch.equal(decoder[0][k], decoder[1][k]) for k in decoder[0])
