@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctxpred.errors import CtxpredError, ValueRangeError
+from ctxpred.errors import CtxpredError, ShapeError, ValueRangeError
 from ctxpred.loss import ContextPredictionLoss
 
 __all__ = ["CaptureError", "ContextPredictor", "ModelWithHeads", "attach"]
@@ -182,8 +182,21 @@ class ContextPredictor:
         self._armed = True
 
     def _capture(self, name: str, output: Any) -> None:
-        if self._armed:
-            self._captured[name] = _select(output, self._selectors.get(name), name)
+        if not self._armed:
+            return
+        features = _select(output, self._selectors.get(name), name)
+        loss = self.loss_modules[name]
+        expected = loss.head.in_channels
+        if expected is not None and features.dim() >= 3:
+            _, token_grid = loss.layer_grid(features)
+            channels = features.shape[-1] if token_grid is not None else features.shape[1]
+            if channels != expected:
+                raise ShapeError(
+                    f"layer {name!r} outputs {channels} channels (shape "
+                    f"{tuple(features.shape)}) but its {type(loss.head).__name__} expects "
+                    f"in_channels={expected}"
+                )
+        self._captured[name] = features
 
     @property
     def attached(self) -> bool:
@@ -219,11 +232,15 @@ class ContextPredictor:
                 f"no captured output for layers {missing}: run the model forward (with the "
                 f"hooks attached) before each loss(); captures are consumed by loss()/losses()"
             )
+        out = {}
         try:
-            out = {
-                name: loss(self._captured[name], self._target_for(name, target))
-                for name, loss in self.loss_modules.items()
-            }
+            for name, loss in self.loss_modules.items():
+                try:
+                    out[name] = loss(self._captured[name], self._target_for(name, target))
+                except CtxpredError as err:
+                    if f"{name!r}" in str(err):
+                        raise
+                    raise type(err)(f"layer {name!r}: {err}") from err
         finally:
             self.release()
         self.last_losses = {name: value.detach() for name, value in out.items()}
