@@ -255,6 +255,7 @@ def test_exact_gradcheck_and_envelope():
     x.requires_grad_(True)
     y.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, b: exact_wasserstein(a, b), (x, y))
+    assert torch.autograd.gradcheck(lambda a: exact_wasserstein(a, y.detach()), (x,))
     mask = torch.tensor([[1.0, 1, 1, 0, 1]]).expand(3, 5)
     assert torch.autograd.gradcheck(lambda a, b: exact_wasserstein(a, b, mask, mask), (x, y))
     # envelope: dW/dx_i = 2 a_i (x_i - y_sigma(i))

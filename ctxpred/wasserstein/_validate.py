@@ -148,11 +148,12 @@ def pairwise_cost(x: Tensor, y: Tensor, p: float) -> Tensor:
     Uses the matmul expansion :math:`|x|^2 + |y|^2 - 2 x\cdot y` (clamped at 0); callers center
     the points first to keep the cancellation small. Meant for plans (no gradient needed).
     """
-    sq = (
-        x.pow(2).sum(-1, keepdim=True)
-        + y.pow(2).sum(-1).unsqueeze(-2)
-        - 2.0 * torch.matmul(x, y.transpose(-1, -2))
-    ).clamp_min_(0.0)
+    x_sq = torch.linalg.vector_norm(x, dim=-1).square_().unsqueeze(-1)
+    y_sq = torch.linalg.vector_norm(y, dim=-1).square_().unsqueeze(-2)
+    sq = torch.baddbmm(x_sq + y_sq, x, y.transpose(-1, -2), alpha=-2.0) if x.dim() == 3 else (
+        x_sq + y_sq - 2.0 * torch.matmul(x, y.transpose(-1, -2))
+    )
+    sq = sq.clamp_min_(0.0)
     if p == 2:
         return sq
     return sq.pow_(p / 2.0)

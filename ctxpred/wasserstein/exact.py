@@ -182,8 +182,29 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         xc, yc = center(x.detach(), y.detach(), b)
         cost = pairwise_cost(xc, yc, p)
         match = assignment(cost, a > 0, b > 0)
-    matched = torch.gather(y, 1, match.clamp_min(0).unsqueeze(-1).expand(-1, -1, d))
+    index = match.clamp_min(0)
+    if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
+        return _MatchedSquaredCost.apply(x, y.detach(), index, a)
+    matched = torch.gather(y, 1, index.unsqueeze(-1).expand(-1, -1, d))
     return (a * segment_cost(x - matched, p)).sum(-1)
+
+
+class _MatchedSquaredCost(torch.autograd.Function):
+    r""":math:`\sum_i a_i \|x_i - y_{\sigma(i)}\|^2` per problem with a one-pass backward
+    :math:`2 a_i (x_i - y_{\sigma(i)})` (y constant: the usual case, a target)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: Tensor, y: Tensor, index: Tensor, a: Tensor
+    ) -> Tensor:
+        diff = x - torch.gather(y, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        ctx.save_for_backward(diff, a)
+        return (a * torch.linalg.vector_norm(diff, dim=-1).square()).sum(-1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
+        diff, a = ctx.saved_tensors
+        return diff * (2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1), None, None, None
 
 
 def _solve_transport(prep: Prepared, p: float) -> Tensor:
