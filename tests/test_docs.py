@@ -202,3 +202,19 @@ def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
     assert unlisted._rewrite(":func:`neighbors`", package["neighborhoods"], loader) == (
         "`neighbors`"
     )
+
+
+def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("results_hook", DOCS / "_ext/results_hook.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    table = "# Speed\n\n```\n# not a heading\n```\n| a |\n|---|\n| 1 |\n"
+    (tmp_path / "speed.md").write_text(table)
+    page = (
+        "Intro\n<!-- result: speed.md | python3 run.py bench speed -->\n"
+        "<!-- result: missing.md | python3 run.py bench missing -->\nEnd"
+    )
+    out = hook.include_results(page, tmp_path)
+    assert "### Speed" in out and "\n# not a heading\n" in out and "| 1 |" in out
+    assert "`docs/results/missing.md` does not exist" in out
+    assert "`python3 run.py bench missing`" in out and "<!--" not in out
