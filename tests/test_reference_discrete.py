@@ -174,7 +174,7 @@ def _tiny(vocab: int = 7, grid: tuple[int, int] = (4, 4)) -> tuple[TokenTransfor
             MaskAndReplaceDiffusion(vocab, 20))
 
 
-@pytest.mark.parametrize("objective", ["hybrid", "ce"])
+@pytest.mark.parametrize("objective", ["hybrid"])
 def test_training_steps_decrease_loss_on_fixed_batch(objective):
     net, d = _tiny()
     d.objective = objective
@@ -242,7 +242,7 @@ def test_context_loss_gradients_reach_the_transformer():
     x0 = torch.randint(0, 17, (3, 16), generator=torch.Generator().manual_seed(0))
     d.loss(net, x0)  # the forward the hooks capture from
     ctx = predictor.loss(target=x0)
-    assert ctx.ndim == 0 and bool(torch.isfinite(ctx)) and float(ctx) > 0
+    assert ctx.ndim == 0 and bool(torch.isfinite(ctx)) and float(ctx.detach()) > 0
     ctx.backward()
     for name in ("token_embed.weight", "blocks.0.attn.in_proj_weight", "blocks.1.mlp.0.weight"):
         grad = dict(net.named_parameters())[name].grad
