@@ -106,6 +106,18 @@ def test_exact_equal_masks_matches_pot(seed, n, d):
 
 
 @FAST
+@given(st.integers(0, 10**6), st.integers(2, 8), st.integers(1, 4))
+def test_exact_auto_mixes_solvers_per_problem(seed, n, d):
+    """The loss's case: Q uniform samples vs masked neighbors; border problems need transport."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = clouds(seed, 10, n, n, d)
+    mask = (torch.rand(10, n, generator=g) > 0.3).double()
+    mask[:5] = 1.0
+    got = exact_wasserstein(x, y, None, mask)
+    torch.testing.assert_close(got, pot_oracle(x, y, None, mask), rtol=1e-5, atol=1e-9)
+
+
+@FAST
 @given(st.integers(0, 10**6), st.integers(1, 6), st.integers(1, 6), st.integers(1, 4))
 def test_exact_transport_matches_linprog(seed, n, m, d):
     g = torch.Generator().manual_seed(seed)

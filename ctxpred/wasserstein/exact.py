@@ -88,14 +88,24 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     big = _BIG
     rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
     row4col_f = cost.new_full((n, bsz), -1.0)  # row4col as float, for the inner loop
+    # On a CPU "is every problem done?" costs nothing (there is no device queue to drain), so
+    # loops stop early there; on accelerators they run their fixed, data-independent count.
+    early_exit = device.type == "cpu"
+    blocked_big = blocked.to(cost.dtype) * big
+    state = cost.new_empty(4, n, bsz)
+    spc_at_visit, spc, neg_v, visited_f = state.unbind(0)
+    # row r of problem b is cost_t[r, :, b]: a flat take() with these offsets fetches rows
+    column_offsets = torch.arange(n * bsz, device=device).view(n, bsz)
     for r in range(n):
         valid = row_valid[r : r + 1]
         act = valid.to(cost.dtype)  # 1 while the problem still searches in this phase
         min_val = cost.new_zeros(1, bsz)
-        spc = cost.new_full((n, bsz), big)  # path costs of unvisited columns (big: visited)
-        spc_at_visit = cost.new_zeros(n, bsz)
-        visited_f = cost.new_zeros(n, bsz)
-        neg_v = (-v).masked_fill_(blocked, big)  # +big also marks visited columns
+        # path cost at visit, path costs of unvisited columns (big: visited), -v (big: visited
+        # or blocked), visited flag.
+        spc_at_visit.zero_()
+        spc.fill_(big)
+        torch.sub(blocked_big, v, out=neg_v)
+        visited_f.zero_()
         path_f = cost.new_zeros(n, bsz)
         row_i = cost.new_full((1, bsz), float(r))
         row_l = torch.full((1, bsz), r, dtype=torch.long, device=device)
@@ -104,48 +114,51 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         # Phase r: at most r + 1 Dijkstra steps (one per matched column, plus the free one).
         # Float arithmetic only (0/1 masks, indices as floats): CPU bool kernels are slow here.
         for step in range(r + 1):
+            if early_exit and step > 0 and not bool(act.any()):
+                break
             offset = min_val - u_i + (1.0 - act) * big
             if step == 0:
                 row = cost_t[r]
             else:
-                index = row_l.unsqueeze(1).expand(1, n, bsz)
-                row = torch.gather(cost_t, 0, index).squeeze(0)
+                row = cost_t.take(column_offsets + row_l * (n * bsz))
             reduced = row + neg_v + offset
             better = torch.sign(spc - reduced).clamp_min_(0.0)
-            spc = torch.minimum(spc, reduced)
-            path_f = path_f + better * (row_i - path_f)
+            torch.minimum(spc, reduced, out=spc)
+            path_f.addcmul_(better, row_i - path_f)
             low = spc.amin(0, keepdim=True)
-            key = rows_f + n * torch.sign(spc - low)
+            key = torch.add(rows_f, torch.sign(spc - low), alpha=n)
             j_f = key.amin(0, keepdim=True)
             j = j_f.long()
-            min_val = min_val + act * (low - min_val)
-            got = spc_at_visit.gather(0, j)
-            spc_at_visit.scatter_(0, j, got + act * (low - got))
-            got = spc.gather(0, j)
-            spc.scatter_(0, j, got + act * (big - got))
-            got = neg_v.gather(0, j)
-            neg_v.scatter_(0, j, got + act * (big - got))
-            got = visited_f.gather(0, j)
-            visited_f.scatter_(0, j, got + act * (1.0 - got))
+            min_val.addcmul_(act, low - min_val)
+            # one-hot of the visited column (key - j_f is 0 there, an integer >= 1 elsewhere)
+            hit = (key - j_f).clamp_max_(1.0).neg_().add_(1.0).mul_(act)
+            visited_f.add_(hit)
+            spc_at_visit.addcmul_(hit, low)
+            hit.mul_(big)
+            spc.add_(hit)
+            neg_v.add_(hit)
             owner = row4col_f.gather(0, j)
             free = (-owner).clamp_min_(0.0)  # 1 if the column is unmatched (owner -1)
-            sink = sink + act * free * (j_f - sink)
-            row_i = row_i + act * (1.0 - free) * (owner - row_i)
+            done = act * free
+            sink.addcmul_(done, j_f - sink)
+            row_i.addcmul_(act - done, owner - row_i)
             row_l = row_i.long()
             u_i = u.gather(0, row_l)
-            act = act * (1.0 - free)
-        visited = visited_f > 0.5
+            act = act - done
         path = path_f.long()
         sink = sink.long()
         # Dual update: visited rows and columns move by min_val minus their path cost.
-        shift = torch.where(visited, min_val - spc_at_visit, 0.0)
-        u.scatter_add_(0, row4col.clamp_min(0), torch.where(row4col >= 0, shift, 0.0))
-        u[r : r + 1] += torch.where(valid, min_val, 0.0)
+        shift = visited_f * (min_val - spc_at_visit)
+        assigned = (row4col_f + 1.0).clamp_max_(1.0)
+        u.scatter_add_(0, row4col.clamp_min(0), assigned * shift)
+        u[r : r + 1] += valid.to(cost.dtype) * min_val
         v = v - shift
         # Augment along the alternating path from the sink back to row r.
         going = valid & (sink >= 0)
         j = sink.clamp_min(0)
-        for _ in range(r + 1):
+        for step in range(r + 1):
+            if early_exit and step > 0 and not bool(going.any()):
+                break
             i = path.gather(0, j)
             row4col.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)))
             row4col_f.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)).to(cost.dtype))
@@ -158,13 +171,30 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
 
 
 def _assignment_compatible(prep: Prepared) -> Tensor:
-    """``()`` bool: every problem is uniform on supports of equal size (no host sync)."""
+    """``(B,)`` bool: the problem is uniform on supports of equal size (or empty)."""
     a, b = prep.a, prep.b
     na, nb = (a > 0).sum(-1).to(a.dtype), (b > 0).sum(-1).to(b.dtype)
     tol = 1e-5 if a.dtype == torch.float32 else 1e-10
     ua = ((a - 1.0 / na.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (a == 0)
     ub = ((b - 1.0 / nb.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (b == 0)
-    return ((na == nb) | ~prep.nonempty).all() & ua.all() & ub.all()
+    return ((na == nb) & ua.all(-1) & ub.all(-1)) | ~prep.nonempty
+
+
+def _subset(prep: Prepared, index: Tensor) -> Prepared:
+    return prep._replace(
+        x=prep.x[index], y=prep.y[index], a=prep.a[index], b=prep.b[index],
+        nonempty=prep.nonempty[index],
+    )
+
+
+def _solve_mixed(prep: Prepared, p: float, compatible: Tensor) -> Tensor:
+    """Assignment solver where the weights allow it, transport solver elsewhere."""
+    fast = compatible.nonzero().squeeze(1)
+    slow = (~compatible).nonzero().squeeze(1)
+    values_fast = _solve_assignment(_subset(prep, fast), p)
+    values_slow = _solve_transport(_subset(prep, slow), p)
+    values = values_fast.new_zeros(prep.x.shape[0])
+    return values.index_put((fast,), values_fast).index_put((slow,), values_slow)
 
 
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
@@ -260,11 +290,13 @@ def exact_wasserstein(
         p: cost exponent, ``>= 1``.
         solver: ``"assignment"`` (batched Hungarian on the device; requires uniform weights on
             supports of equal size), ``"transport"`` (POT ``ot.emd`` per problem on the host, any
-            weights), or ``"auto"``: the assignment solver when the weights allow it, else the
-            transport one. With weights given, ``"auto"`` decides with one host sync; pass
-            ``"assignment"`` in training loops to avoid it.
+            weights), or ``"auto"``: per problem, the assignment solver where the weights allow
+            it and the transport one elsewhere. With weights given, ``"auto"`` decides with one
+            host sync; pass ``"assignment"`` in training loops to avoid it (then every problem
+            must qualify, e.g. predicted samples masked like their targets).
         check_finite: check for NaN/Inf points and negative weights, and (for
             ``"assignment"``) that the weights allow it -- one host sync; pass ``False`` to skip.
+            (Named like this for every estimator; it also checks the weights.)
 
     Returns:
         ``(...)`` values :math:`W_p^p`, in ``x``'s dtype (computed in float32 or float64).
@@ -290,9 +322,17 @@ def exact_wasserstein(
             if not prep.weighted:
                 solver = "assignment" if x.shape[-2] == y.shape[-2] else "transport"
             else:
-                ok = bool(_assignment_compatible(prep))
-                solver = "assignment" if ok else "transport"
-        elif solver == "assignment" and check_finite and not bool(_assignment_compatible(prep)):
+                compatible = _assignment_compatible(prep)
+                n_compatible = int(compatible.sum())  # the one host sync of "auto"
+                if n_compatible == compatible.numel():
+                    solver = "assignment"
+                elif n_compatible == 0:
+                    solver = "transport"
+                else:
+                    return restore(_solve_mixed(prep, p, compatible), prep)
+        elif (
+            solver == "assignment" and check_finite and not bool(_assignment_compatible(prep).all())
+        ):
             raise ValueRangeError(
                 "solver='assignment' needs uniform weights on supports of equal size in every "
                 "problem (e.g. equal 0/1 masks counts); use solver='transport' or 'auto'"
