@@ -100,8 +100,8 @@ class DiscreteConfig:
     gamma_bar_T: float = 0.9
     objective: Literal["hybrid", "vb", "ce"] = "hybrid"
     ce_weight: float = 1.0
-    dim: int = 96
-    depth: int = 3
+    dim: int = 64
+    depth: int = 2
     heads: int = 4
     batch_size: int = 64
     train_steps: int = 1000
@@ -112,7 +112,7 @@ class DiscreteConfig:
     context_weight: float = 0.1
     context_strides: tuple[int, ...] = (1, 2, 3)
     context_samples: int = 8
-    context_points: int | float | None = 16
+    context_points: int | float | None = 8
     context_layer: str = "norm"
     seed: int = 0
     checkpoint_every: int = 250
