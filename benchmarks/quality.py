@@ -59,7 +59,8 @@ __all__ = ["PRESETS", "SECTIONS", "Preset", "RunSpec", "aggregate", "main"]
 
 @dataclass(frozen=True)
 class Preset:
-    """Compute budget of one benchmark run (per trained model unless noted)."""
+    """Compute budget of one benchmark run (per trained model unless noted); samples are drawn
+    with the respaced ancestral (DDPM) sampler in ``sample_steps`` steps."""
 
     steps: int
     batch_size: int
@@ -170,8 +171,8 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
                 def run(config: Any = config, dataset: str = dataset) -> dict[str, Any]:
                     trainer = Trainer(config)
                     history = trainer.train(progress=not args.no_progress)
-                    samples = trainer.sample(preset.samples, num_steps=preset.sample_steps,
-                                             seed=config.seed)
+                    samples = trainer.sample(preset.samples, "ddpm",
+                                             num_steps=preset.sample_steps, seed=config.seed)
                     real = _real(dataset, "test", max(256, preset.samples))
                     truth = real[: preset.inpaint_images]
                     mask = center_mask(len(truth), truth.shape[-1])
@@ -206,9 +207,17 @@ def _floor_runs(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     return specs
 
 
+def discrete_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
+    """Runs of the discrete (token) reference model: ``baseline`` and ``context`` per seed."""
+    from reference_models.discrete.evaluate import quality_section
+
+    return quality_section(preset, args)
+
+
 #: ``--model`` name -> section. A section returns the runs of its model (see the module doc).
 SECTIONS: dict[str, Callable[[Preset, argparse.Namespace], list[RunSpec]]] = {
     "continuous": continuous_section,
+    "discrete": discrete_section,
 }
 
 

@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--estimator", default="sinkhorn")
     p.add_argument("--samples", type=int, default=64, help="generated samples per run")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ancestral DDPM (respaced) or deterministic DDIM")
+    p.add_argument("--sample-steps", type=int, default=50, help="sampling steps")
     p.add_argument("--inpaint-images", type=int, default=16)
     p.add_argument("--inpaint-steps", type=int, default=25)
     p.add_argument("--resample", type=int, default=4, help="RePaint resampling per step")
@@ -213,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] resuming from step {trainer.step}")
         history = trainer.train(progress=not args.no_progress)
         histories[name] = history
-        print(f"[{name}] sampling {args.samples} images ({args.sample_steps} DDIM steps)")
-        samples[name] = trainer.sample(args.samples, num_steps=args.sample_steps, seed=args.seed)
+        print(f"[{name}] sampling {args.samples} images ({args.sample_steps} {args.sampler} steps)")
+        samples[name] = trainer.sample(args.samples, args.sampler, num_steps=args.sample_steps,
+                                       seed=args.seed)
         gen = torch.Generator().manual_seed(args.seed)
         inpaintings[name] = trainer.diffusion.inpaint(
             trainer.ema.model.eval(), inpaint_truth.to(trainer.device),
