@@ -150,3 +150,17 @@ def test_context_loss_reaches_the_unet() -> None:
         run.train(progress=False)
     decoder = [dict(r.model.up_blocks.named_parameters()) for r in runs]
     assert any(not torch.equal(decoder[0][k], decoder[1][k]) for k in decoder[0])
+
+
+@pytest.mark.parametrize("module_name", [
+    "reference_models.data", "reference_models.continuous.unet",
+    "reference_models.continuous.diffusion", "reference_models.continuous.ema",
+    "reference_models.continuous.train", "benchmarks.metrics", "benchmarks.quality",
+])
+def test_docstring_examples_run(module_name: str) -> None:
+    """The examples in these docstrings are documentation too (pytest collects only ctxpred/)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module_name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
