@@ -407,3 +407,31 @@ def test_loss_module_pickles_and_takes_estimator_options():
         loss_fn(feats, target, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueRangeError, match="estimator_options"):
         _pixel_loss(estimator=lambda x, y, a, b: x.sum((-1, -2)), estimator_options={"p": 1})
+
+
+@FAST
+@given(seed=st.integers(0, 2**16))
+def test_order_free_and_bounded_by_the_naive_slot_error(seed):
+    """W is invariant to permuting samples or neighbor slots, and <= the slot-by-slot error."""
+    g = torch.Generator().manual_seed(seed)
+    samples = torch.randn(1, 3, 1, 8, 2, generator=g)
+    values = torch.randn(1, 3, 1, 8, 2, generator=g)
+    full = torch.ones(1, 3, 1, 8, dtype=torch.bool)
+    base = sample_divergence(samples, values, full, "exact")
+    perm_q, perm_k = torch.randperm(8, generator=g), torch.randperm(8, generator=g)
+    torch.testing.assert_close(
+        sample_divergence(samples[..., perm_q, :], values[..., perm_k, :], full, "exact"), base)
+    assert (base <= naive_divergence(samples, values, full) + 1e-5).all()
+
+
+def test_loss_module_compiles_without_graph_breaks():
+    """fullgraph=True: no host sync, no data-dependent Python branch inside the loss."""
+    loss_fn = _pixel_loss(points=16)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    feats, target = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 3, 6, 6)
+    torch.manual_seed(0)
+    got = compiled(feats, target)
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, loss_fn(feats, target))
+    got.backward()
+    assert torch.isfinite(feats.grad).all()
