@@ -166,8 +166,24 @@ def _check_channels(pred_channels: int, target: Tensor, what: str) -> None:
         )
 
 
+def _sample_weights(samples: Tensor, mask: Tensor, match_mask: bool) -> Tensor | None:
+    if not match_mask:
+        return None
+    if samples.shape[-2] != mask.shape[-1]:
+        raise ShapeError(
+            f"match_mask=True keeps one predicted sample per valid neighbor slot, so it needs "
+            f"Q == K_s; got Q={samples.shape[-2]} samples and K_s={mask.shape[-1]} slots "
+            f"(set the head's num_samples={mask.shape[-1]})"
+        )
+    return mask.to(samples.dtype)
+
+
 def sample_divergence(
-    samples: Tensor, values: Tensor, mask: Tensor, estimator: EstimatorSpec = "sinkhorn"
+    samples: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    estimator: EstimatorSpec = "sinkhorn",
+    match_mask: bool = False,
 ) -> Tensor:
     r""":math:`W_p^p` between predicted samples and the valid neighbors, per point and stride.
 
@@ -175,11 +191,17 @@ def sample_divergence(
     (``mask`` as weights; masked slots carry no mass). A problem without a valid neighbor gives 0
     (estimator contract). Computed in float32 with autocast off.
 
+    ``match_mask=True`` (needs ``Q == K_s``) masks the samples like their targets: the prediction
+    keeps as many samples as there are valid neighbors. The samples are i.i.d., so this is the
+    same as drawing fewer of them; every problem then has equal, uniform supports, which the
+    ``"exact"`` estimator solves as a batched assignment on the device.
+
     Args:
         samples: ``(B, P, S', Q, C)`` with ``S'`` in ``{1, S}``.
         values: ``(B, P, S, K_s, C)`` neighbor values (see :func:`group_by_stride`).
         mask: ``(B, P, S, K_s)`` bool.
         estimator: a name (see :func:`resolve_estimator`), module or callable.
+        match_mask: mask the samples like their targets (see above).
 
     Returns:
         ``(B, P, S)``.
@@ -190,12 +212,17 @@ def sample_divergence(
         >>> d = sample_divergence(y, y, mask, "sinkhorn")  # perfect prediction
         >>> d.shape, bool(d.abs().max() < 1e-3)
         (torch.Size([2, 4, 1]), True)
+        >>> mask[:, :, :, 5:] = False  # fewer valid neighbors: keep as many samples
+        >>> sample_divergence(y, y, mask, "exact", match_mask=True).abs().max() < 1e-5
+        tensor(True)
     """
     est = resolve_estimator(estimator) if isinstance(estimator, str) else estimator
     _check_channels(samples.shape[-1], values, "the head")
     samples = _match_strides(samples, values.shape[2], "the head")
     with _core_context(samples.device):
-        return est(_core(samples), _core(values), None, mask.to(_core(samples).dtype))
+        samples = _core(samples)
+        return est(samples, _core(values), _sample_weights(samples, mask, match_mask),
+                   mask.to(samples.dtype))
 
 
 def naive_divergence(prediction: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -286,6 +313,7 @@ def categorical_divergence(
     ids: Tensor,
     mask: Tensor,
     estimator: EstimatorSpec = "sinkhorn",
+    match_mask: bool = False,
 ) -> Tensor:
     r"""W between the predicted token distribution and the neighbor tokens' empirical one.
 
@@ -301,6 +329,8 @@ def categorical_divergence(
         ids: ``(B, P, S, K_s)`` long neighbor ids.
         mask: ``(B, P, S, K_s)``.
         estimator: for the sampling mode.
+        match_mask: in the sampling mode, mask the ``Q == K_s`` samples like their targets (see
+            :func:`sample_divergence`).
 
     Returns:
         ``(B, P, S)``.
@@ -328,7 +358,7 @@ def categorical_divergence(
                                      "the categorical head")
             target = (F.one_hot(ids, vocab).float() if codebook is None
                       else codebook.float()[ids])
-            return est(samples, target, None, weight)
+            return est(samples, target, _sample_weights(samples, mask, match_mask), weight)
         if codebook is not None:
             raise ValueRangeError(
                 "a codebook needs the sampling mode (samples=...): the estimators do not "
@@ -472,6 +502,9 @@ class ContextPredictionLoss(nn.Module):
         resize: how a target is brought to the layer grid.
         estimator_options: keyword options for a named estimator, e.g.
             ``{"iterations": 10}`` for ``"sinkhorn"`` (``check_finite=False`` is preset).
+        match_mask: for sampling heads with ``num_samples == K_s``: mask the samples like their
+            targets, so that every problem has equal uniform supports (then ``"exact"`` is a
+            batched assignment on the device; see :func:`sample_divergence`).
 
     Example:
         >>> from ctxpred import PixelNeighborhood, GaussianSamplingHead
@@ -501,6 +534,7 @@ class ContextPredictionLoss(nn.Module):
         grid_shape: Sequence[int] | None = None,
         resize: ResizeMode = "auto",
         estimator_options: Mapping[str, Any] | None = None,
+        match_mask: bool = False,
     ) -> None:
         super().__init__()
         strides = getattr(neighborhood, "strides", None)
@@ -569,6 +603,7 @@ class ContextPredictionLoss(nn.Module):
         self.points = points
         self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)
         self.resize = resize
+        self.match_mask = bool(match_mask)
         self.name = type(self).__name__
 
     # -- layout -------------------------------------------------------------------------------
@@ -641,9 +676,9 @@ class ContextPredictionLoss(nn.Module):
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
         head = self.head
         if isinstance(head, CategoricalHead):
-            value = categorical_divergence(prediction, values, mask, est)
+            value = categorical_divergence(prediction, values, mask, est, self.match_mask)
         elif isinstance(head, GaussianSamplingHead):
-            value = sample_divergence(prediction, values, mask, est)
+            value = sample_divergence(prediction, values, mask, est, self.match_mask)
         elif isinstance(head, NaiveHead):
             value = naive_divergence(prediction, values, mask)
         elif isinstance(head, MomentHead):
@@ -710,4 +745,5 @@ class ContextPredictionLoss(nn.Module):
     def extra_repr(self) -> str:
         est = self.estimator if isinstance(self.estimator, str) else type(self.estimator).__name__
         return (f"estimator={est!r}, weight={self.weight}, points={self.points}, "
+                f"match_mask={self.match_mask}, "
                 f"grid_shape={self.grid_shape}, resize={self.resize!r}")

@@ -435,3 +435,25 @@ def test_loss_module_compiles_without_graph_breaks():
     torch.testing.assert_close(got, loss_fn(feats, target))
     got.backward()
     assert torch.isfinite(feats.grad).all()
+
+
+def test_match_mask_keeps_one_sample_per_valid_neighbor():
+    g = torch.Generator().manual_seed(4)
+    samples = torch.randn(2, 3, 2, 8, 3, generator=g)
+    values = torch.randn(2, 3, 2, 8, 3, generator=g)
+    mask = _random_mask(g, (2, 3, 2, 8))
+    mask[..., 0] = True
+    got = sample_divergence(samples, values, mask, "exact", match_mask=True)
+    for idx in np.ndindex(2, 3, 2):
+        x = samples[idx][mask[idx]].double().numpy()
+        y = values[idx][mask[idx]].double().numpy()
+        w = np.full(len(x), 1 / len(x))
+        assert got[idx].item() == pytest.approx(ot.emd2(w, w, ot.dist(x, y)), rel=1e-4, abs=1e-5)
+    with pytest.raises(ShapeError, match="Q == K_s"):
+        sample_divergence(samples[..., :5, :], values, mask, match_mask=True)
+    loss_fn = ContextPredictionLoss(
+        PixelNeighborhood(strides=(1, 2)),
+        GaussianSamplingHead(3, 8, num_samples=8, num_strides=2), "exact", match_mask=True)
+    feats = torch.randn(2, 8, 4, 4, requires_grad=True)
+    loss_fn(feats, torch.randn(2, 3, 4, 4)).backward()
+    assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
