@@ -135,7 +135,7 @@ def build(quick: bool) -> list[dict]:
     """(name, fn, kind, note) of every estimator, ctxpred first."""
     nocheck = {"check_finite": False}
     rows = [
-        ("ctxpred exact (batched Hungarian)", lambda x, y: exact_wasserstein(
+        ("ctxpred exact (batched assignment)", lambda x, y: exact_wasserstein(
             x, y, solver="assignment", **nocheck), "batched", "exact"),
         ("ctxpred sinkhorn (default)", lambda x, y: sinkhorn_wasserstein(x, y, **nocheck),
          "batched", "relative_blur=1e-3, 30 it, overrelaxation 1.6"),
@@ -238,16 +238,18 @@ def forward_backward(fn: Estimator, x: torch.Tensor, y: torch.Tensor):
 
 
 def time_call(fn: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int,
-              device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+              device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Median wall time and median process CPU time (all threads) of forward + backward."""
     values, grad = forward_backward(fn, x, y)  # warm-up (also the accuracy sample)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         forward_backward(fn, x, y)
         sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), values, grad
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    return statistics.median(walls), statistics.median(cpus), values, grad
 
 
 def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -262,7 +264,8 @@ def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.d
         sub = n if est["kind"] == "batched" else min(n, args.loop_n)
         xs, ys = x[:sub], y[:sub]
         try:
-            seconds, values, grad = time_call(est["fn"], xs, ys, args.repeats, device)
+            seconds, cpu_seconds, values, grad = time_call(est["fn"], xs, ys, args.repeats,
+                                                           device)
             memory = peak_memory_mib(lambda e=est, a=xs, b=ys: forward_backward(e["fn"], a, b),
                                      device)
         except Exception as err:  # a peer failing must not stop the run
@@ -275,12 +278,14 @@ def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.d
             grad.double().flatten(1), exact_grad[:sub].double().flatten(1), dim=1
         )
         row = dict(
-            name=est["name"], note=est["note"], seconds=seconds_all, measured_on=sub,
+            name=est["name"], note=est["note"], seconds=seconds_all,
+            cpu_seconds=cpu_seconds * n / sub, measured_on=sub,
             extrapolated=sub < n, peak_mem_mib=memory, rel_err_mean=float(rel.mean()),
             rel_err_abs_mean=float(rel.abs().mean()), grad_cos_mean=float(cos.mean()),
         )
         rows.append(row)
-        print(f"  {est['name']:55s} {fmt_time(seconds_all):>9s}  mem {fmt_mem(memory):>8s}  "
+        print(f"  {est['name']:55s} {fmt_time(seconds_all):>9s} "
+              f"(cpu {fmt_time(row['cpu_seconds']):>9s})  mem {fmt_mem(memory):>8s}  "
               f"rel {row['rel_err_mean']:+.2e} (|{row['rel_err_abs_mean']:.1e}|)  "
               f"cos {row['grad_cos_mean']:.3f}", flush=True)
     return dict(n=n, k=k, d=d, rows=rows, targets=targets(rows))
@@ -307,6 +312,11 @@ def targets(rows: list[dict]) -> dict:
 
     return {
         "exact_time_over_scipy_loop": ratio(exact, scipy_),
+        "exact_cpu_time_over_scipy_loop": ratio(exact, scipy_, "cpu_seconds"),
+        "pot_loop_cpu_time_over_exact": ratio(pot, exact, "cpu_seconds"),
+        "sinkhorn_cpu_time_over_geomloss_debias": ratio(sink, geo, "cpu_seconds"),
+        "sinkhorn_cpu_time_over_geomloss": ratio(sink, geo_plain, "cpu_seconds"),
+        "sinkhorn_cpu_time_over_pot_batch": ratio(sink, pot_batch, "cpu_seconds"),
         "pot_loop_time_over_exact": ratio(pot, exact),
         "exact_mem_over_mse_mem": ratio(exact, mse, "peak_mem_mib"),
         "exact_time_over_mse": ratio(exact, mse),
@@ -371,25 +381,34 @@ def markdown(doc: dict) -> str:
         else "",
         "",
         "Time = forward + backward of `values.mean()` w.r.t. the predicted points for *all* N "
-        "problems (median of the repeats; `*` = timed on a subsample and extrapolated). "
+        "problems (median of the repeats; `*` = timed on a subsample and extrapolated); CPU "
+        "time = the process's CPU time over the same call (all threads; on a shared machine "
+        "the steadier measure of work, since it leaves out time spent descheduled). "
         "Memory = peak increase during one call (CPU: peak RSS; CUDA: max allocated). "
         "rel err = mean signed relative error of the value vs the exact W_2^2 (|mean| in "
         "brackets); grad cos = mean cosine between the estimator's gradient and the exact one. "
         "Data: predicted and true sets i.i.d. N(0, I).",
     ]
+    if env["device"] == "cpu":
+        lines += ["", "GPU numbers are not in this file: produce them with "
+                  "`python benchmarks/estimators.py --device cuda` (writes "
+                  "`docs/results/estimators_cuda.md`)."]
     for cfg in doc["configs"]:
-        header = "| estimator | time / call | x MSE floor | peak mem | rel err | grad cos | notes |"
+        header = ("| estimator | time / call | CPU time / call | x MSE floor (CPU) | peak mem "
+                  "| rel err | grad cos | notes |")
         lines += ["", f"## N={cfg['n']}, K={cfg['k']}, D={cfg['d']}", "", header,
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         floor = _find(cfg["rows"], "MSE")
         for r in cfg["rows"]:
             if "error" in r:
-                lines.append(f"| {r['name']} | failed | - | - | - | - | {r['error']} |")
+                lines.append(f"| {r['name']} | failed | - | - | - | - | - | {r['error']} |")
                 continue
             star = "*" if r["extrapolated"] else ""
-            xf = f"{r['seconds'] / floor['seconds']:.1f}x" if floor else "-"
+            has_floor = floor is not None and floor["cpu_seconds"] > 0
+            xf = f"{r['cpu_seconds'] / floor['cpu_seconds']:.1f}x" if has_floor else "-"
             lines.append(
-                f"| {r['name']} | {fmt_time(r['seconds'])}{star} | {xf} | "
+                f"| {r['name']} | {fmt_time(r['seconds'])}{star} | "
+                f"{fmt_time(r['cpu_seconds'])}{star} | {xf} | "
                 f"{fmt_mem(r['peak_mem_mib'])} | {r['rel_err_mean']:+.2e} "
                 f"({r['rel_err_abs_mean']:.1e}) | {r['grad_cos_mean']:.3f} | {r['note']} |"
             )
@@ -413,10 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--skip", nargs="*", default=[], help="skip rows whose name contains")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="only re-render the markdown of a previous run's JSON (to --out)")
     parser.add_argument("--out", default=None,
                         help="output path without suffix (writes .json and .md); default "
                              "docs/results/estimators_<device type>")
     args = parser.parse_args(argv)
+    if args.render:
+        doc = json.loads(Path(args.render).read_text())
+        target = Path(args.out).with_suffix(".md") if args.out else Path(args.render).with_suffix(
+            ".md")
+        target.write_text(markdown(doc))
+        print(target.read_text())
+        return 0
     if args.quick:
         args.configs = args.configs or QUICK_CONFIGS
         args.repeats = min(args.repeats, 1)

@@ -131,6 +131,33 @@ def test_exact_transport_matches_linprog(seed, n, m, d):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [3, 8, 13])
+def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
+    """Both exact cores (subset DP for n <= 8, shortest augmenting path above) vs scipy."""
+    from scipy.optimize import linear_sum_assignment
+
+    from ctxpred.wasserstein import exact
+
+    g = torch.Generator().manual_seed(n)
+    cost = torch.rand(40, n, n, generator=g, dtype=torch.float64)
+    cost[:10] = (4 * cost[:10]).round()  # many ties
+    row_valid = torch.rand(40, n, generator=g) < 0.7
+    col_valid = torch.zeros(40, n, dtype=torch.bool)
+    for b in range(40):
+        col_valid[b, torch.randperm(n, generator=g)[: int(row_valid[b].sum())]] = True
+    for limit in (8, 0):  # 0: force the Hungarian path
+        monkeypatch.setattr(exact, "_DP_MAX_N", limit)
+        match = assignment(cost, row_valid, col_valid)
+        for b in range(40):
+            rows, cols = row_valid[b].nonzero()[:, 0], col_valid[b].nonzero()[:, 0]
+            sub = cost[b][rows][:, cols].numpy()
+            r, c = linear_sum_assignment(sub)
+            got = match[b, rows]
+            assert (match[b, ~row_valid[b]] == -1).all()
+            assert col_valid[b, got].all() and got.unique().numel() == rows.numel()
+            assert cost[b, rows, got].sum().item() == pytest.approx(sub[r, c].sum(), abs=1e-9)
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)

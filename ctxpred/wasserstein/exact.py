@@ -1,27 +1,36 @@
-r"""Exact optimal transport: batched Hungarian (shortest augmenting path) on the device.
+r"""Exact optimal transport: batched assignment solvers on the device (subset DP, Hungarian).
 
 .. math::
     W_p^p(a, b) = \min_{\pi \in \Pi(a, b)} \sum_{ij} \pi_{ij}\, \|x_i - y_j\|^p
 
 When both sets carry uniform weights on supports of equal size ``n`` (no weights and ``N == M``,
 or 0/1 masks with the same number of valid points on each side, as in the context-prediction loss
-when predicted samples are masked like their targets) every vertex of :math:`\Pi(a, b)` is a
-permutation matrix / n, so OT is an *assignment problem*. It is solved by the Jonker-Volgenant /
-Kuhn-Munkres shortest-augmenting-path algorithm, vectorized over problems: phase ``i`` grows row
-``i`` into the matching with at most ``i`` Dijkstra steps, so the whole solve is a fixed,
-data-independent ``n(n+1)/2`` steps of ``(B, n)`` tensor operations -- no host sync, no Python loop
-over problems; problems whose phase has finished are masked. The plan is found without autograd;
-the value is then recomputed from the matched pairs, so its gradient is the envelope gradient
-:math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i - y_{\sigma(i)}\|^p`.
+when predicted samples are masked like their targets) the vertices of :math:`\Pi(a, b)` are
+permutation matrices / n (Birkhoff), so OT is an *assignment problem*. :func:`assignment` solves
+it exactly, all problems at once. For ``n <= 8`` it runs a dynamic program over column subsets
+(:math:`D_k(S) = \min_{j \in S} D_{k-1}(S \setminus j) + C_{k-1,j}`: ``n`` vectorized levels,
+``n 2^{n-1}`` candidate sums per problem, no data-dependent steps). Above, it runs Crouse's
+shortest-augmenting-path algorithm (the one behind scipy's
+``linear_sum_assignment``), vectorized over problems: phase ``r`` adds row ``r`` to the matching
+with at most ``r + 1`` Dijkstra steps, so the solve is at most ``n(n+1)/2`` steps of
+``(n, B)`` tensor operations -- no Python loop over problems, finished problems masked. On an
+accelerator the step count is fixed and data-independent (no host sync); on a CPU, where asking
+"is every problem done?" costs nothing, a phase stops as soon as all problems are done. The
+result is exact (the algorithm maintains dual feasibility; ties are broken arbitrarily). The plan
+is found without autograd; the value is recomputed from the matched pairs, so its gradient is
+the envelope gradient :math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i -
+y_{\sigma(i)}\|^p`.
 
-Other weights (unequal support sizes, non-uniform weights) are a transportation problem; for them
-``solver="transport"`` runs POT's exact network simplex ``ot.emd`` once per problem on the host
-(needs the ``ot`` extra; about 0.1-0.5 ms per problem) and differentiates
-:math:`\langle \pi^*, C(x, y)\rangle`.
+Other weights (unequal support sizes, non-uniform weights) make a transportation problem; for
+those problems ``solver="transport"`` (and ``"auto"``, per problem) runs POT's exact network
+simplex ``ot.emd`` once per problem on the host (needs the ``ot`` extra; a Python loop, as slow
+per problem as the "POT ot.emd2 loop" row of ``docs/results/estimators_cpu.md``) and
+differentiates :math:`\langle \pi^*, C(x, y)\rangle`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -51,7 +60,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     r"""Batched minimum-cost perfect matching between valid rows and valid columns.
 
     Args:
-        cost: ``(B, n, n)`` finite costs.
+        cost: ``(B, n, n)`` finite costs, far below ``1e30`` in magnitude (the inner loop uses
+            ``1e30`` as "unreachable"; squared distances of float32 data always are).
         row_valid: ``(B, n)`` bool, rows taking part (default all).
         col_valid: ``(B, n)`` bool, columns taking part; each problem must have as many valid
             columns as valid rows (not checked here).
@@ -74,6 +84,15 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         col_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
     if n == 0:
         return torch.empty(bsz, 0, dtype=torch.long, device=device)
+    if n <= _DP_MAX_N:
+        # chunks keep the (2^n, chunk) table cache-resident on CPUs
+        chunk = max(1, _DP_CHUNK_ELEMENTS >> n) if device.type == "cpu" else bsz
+        parts = [
+            _assignment_subset_dp(cost[i : i + chunk], row_valid[i : i + chunk],
+                                  col_valid[i : i + chunk])
+            for i in range(0, bsz, chunk)
+        ]
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
     # Crouse's shortest augmenting path (the algorithm of scipy's linear_sum_assignment), one
     # row per phase, every problem at once. Duals u (rows) and v (columns) change only at the
     # end of a phase; inside it, Dijkstra keeps the path costs `spc` of the unvisited columns.
@@ -168,6 +187,75 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             j = torch.where(going, previous.clamp_min(0), j)
     col4row = col4row.t()
     return torch.where(row_valid.t(), col4row, torch.full_like(col4row, -1))
+
+_DP_CHUNK_ELEMENTS = 1 << 19  # DP table entries per chunk on CPU (2 MiB of float32)
+_DP_MAX_N = 8  # subset DP up to n = 8: n 2^(n-1) = 1024 candidate sums per problem
+
+
+@functools.lru_cache(maxsize=16)
+def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
+    """For k = 1..n: the masks with k bits, and for each its (predecessor mask, column) pairs."""
+    levels = []
+    for k in range(1, n + 1):
+        masks, preds, cols = [], [], []
+        for mask in range(1 << n):
+            if bin(mask).count("1") != k:
+                continue
+            bits = [j for j in range(n) if mask >> j & 1]
+            masks.append(mask)
+            preds.append([mask ^ (1 << j) for j in bits])
+            cols.append(bits)
+        levels.append((masks, preds, cols))
+    return levels
+
+
+def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) -> Tensor:
+    r"""Exact assignment for small ``n`` by dynamic programming over column subsets.
+
+    With valid rows and columns moved first, :math:`D_k(S) = \min_{j \in S} D_{k-1}(S
+    \setminus j) + C_{k-1, j}` over sets :math:`S` of ``k`` columns; the optimum of a problem
+    with ``k`` valid rows is :math:`D_k(\{0..k-1\})`, and a backward pass recovers the matching.
+    ``n`` levels of vectorized work over ``(2^n, B)`` -- no data-dependent steps at all.
+    """
+    bsz, n, _ = cost.shape
+    device, big = cost.device, _BIG
+    order_r = torch.argsort((~row_valid).to(torch.int8), dim=1, stable=True)
+    order_c = torch.argsort((~col_valid).to(torch.int8), dim=1, stable=True)
+    ordered = cost.gather(1, order_r.unsqueeze(-1).expand(bsz, n, n))
+    ordered = ordered.gather(2, order_c.unsqueeze(1).expand(bsz, n, n))
+    cost_t = ordered.permute(1, 2, 0).contiguous()  # (row, column, problem)
+    count = row_valid.sum(1)  # (B,) valid rows (= valid columns)
+    dp = cost.new_full((1 << n, bsz), big)
+    dp[0] = 0.0
+    for k, (masks, preds, cols) in enumerate(_subset_levels(n), start=1):
+        pred = torch.tensor(preds, device=device)  # (C, k)
+        col = torch.tensor(cols, device=device)
+        size = pred.shape[0]
+        cand = dp.index_select(0, pred.flatten()).view(size, k, bsz)
+        cand += cost_t[k - 1].index_select(0, col.flatten()).view(size, k, bsz)
+        dp.index_copy_(0, torch.tensor(masks, device=device), cand.amin(1))
+    # Backward pass: for row k-1, the column whose removal explains D_k(S).
+    mask = (1 << count) - 1  # (B,)
+    bits = 1 << torch.arange(n, device=device).unsqueeze(1)  # (n, 1)
+    columns_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
+    chosen = torch.full((n, bsz), -1, dtype=torch.long, device=device)
+    for level in range(n, 0, -1):
+        active = count >= level
+        in_mask = (mask.unsqueeze(0) & bits) != 0  # (n, B)
+        prev = torch.where(in_mask, mask.unsqueeze(0) ^ bits, 0)
+        value = dp.gather(0, prev) + cost_t[level - 1]
+        value = value.masked_fill_(~in_mask, big)
+        low = value.amin(0, keepdim=True)
+        key = torch.add(columns_f, torch.sign(value - low), alpha=n)
+        j = key.amin(0).long()  # (B,)
+        chosen[level - 1] = torch.where(active, j, -1)
+        mask = torch.where(active, mask ^ (1 << j), mask)
+    # Back to the caller's row and column order.
+    chosen = chosen.t()  # (B, n) permuted column per permuted row
+    original_col = order_c.gather(1, chosen.clamp_min(0))
+    result = torch.full((bsz, n), -1, dtype=torch.long, device=device)
+    result.scatter_(1, order_r, torch.where(chosen >= 0, original_col, -1))
+    return torch.where(row_valid, result, -1)
 
 
 def _assignment_compatible(prep: Prepared) -> Tensor:

@@ -12,19 +12,24 @@ is solved in the log domain by alternating the soft-min updates
     f_i = -\varepsilon \log \sum_j b_j\, e^{(g_j - C_{ij})/\varepsilon}, \qquad
     g_j = -\varepsilon \log \sum_i a_i\, e^{(f_i - C_{ij})/\varepsilon},
 
-with :math:`\varepsilon` decreasing geometrically (``scaling``) from the problem's cost diameter
-to its target, for a *fixed* number of ``iterations`` (no convergence test, so no host sync). The
-plan :math:`\pi_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` is computed without autograd;
-the value returned is its transport cost :math:`\langle \pi, C(x, y)\rangle`, an estimate of
-:math:`W_p^p` from above, differentiated with :math:`\pi` held fixed -- by the envelope theorem
-that is the gradient of :math:`\mathrm{OT}_\varepsilon`, at the memory cost of one cost matrix
-(no unrolled iterations). With ``debias=True`` it returns the Sinkhorn divergence
-:math:`S_\varepsilon = \mathrm{OT}_\varepsilon(a, b) - \tfrac12 \mathrm{OT}_\varepsilon(a, a)
-- \tfrac12 \mathrm{OT}_\varepsilon(b, b)` (dual values; :math:`\ge 0`, zero iff the clouds match).
+over-relaxed (:math:`f \leftarrow (1-\omega) f + \omega\, T(f)`, Thibault et al. 2017), with
+:math:`\varepsilon` decreasing geometrically (``scaling``) from the problem's cost diameter to its
+target, for a *fixed* number of ``iterations`` (no convergence test, so no host sync). The plan
+:math:`\pi_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` is computed without autograd and
+rounded onto :math:`\Pi(a, b)` (Altschuler et al. 2017), so the value returned -- its transport
+cost :math:`\langle \pi, C(x, y)\rangle` -- is the cost of a feasible plan: an estimate of
+:math:`W_p^p` from above. It is differentiated with :math:`\pi` held fixed: by the envelope
+theorem that is the gradient of :math:`\mathrm{OT}_\varepsilon` (not of the plan's cost), at the
+memory cost of one cost matrix (no unrolled iterations). With ``debias=True`` it returns the
+Sinkhorn divergence :math:`S_\varepsilon = \mathrm{OT}_\varepsilon(a, b) - \tfrac12
+\mathrm{OT}_\varepsilon(a, a) - \tfrac12 \mathrm{OT}_\varepsilon(b, b)` (dual values, whose
+gradient is exactly the envelope one at convergence; :math:`\ge 0`, zero when the clouds match).
 
 :math:`\varepsilon` is per problem, computed on the device: ``blur**p`` when ``blur`` is given (data
 units), else ``relative_blur`` times the problem's mean cost, so the default accuracy does not
-depend on the data's scale and no global diameter is needed.
+depend on the data's scale and no global diameter is needed. :math:`\varepsilon` is a constant
+for the gradient. Problems with unequal support sizes (masked points) converge more slowly than
+equal-size ones; give them more ``iterations`` or a larger ``relative_blur`` if accuracy matters.
 """
 
 from __future__ import annotations
