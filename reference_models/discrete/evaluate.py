@@ -44,7 +44,15 @@ from reference_models.discrete.training import (
     upsample_like_data,
 )
 
-__all__ = ["evaluate_images", "format_report", "main", "run_quality", "write_section"]
+__all__ = [
+    "QUALITY_PRESETS",
+    "evaluate_images",
+    "format_report",
+    "main",
+    "quality_section",
+    "run_quality",
+    "write_section",
+]
 
 METRICS = ("swd", "neighborhood", "fd")
 
@@ -137,6 +145,65 @@ def run_quality(
                       f"train {t1 - t0:.0f}s sample {t2 - t1:.0f}s", file=sys.stderr)
     return {"config": dataclasses.asdict(base), "runs": runs, "references": references,
             "num_samples": len(real), "sample_steps": sample_steps}
+
+
+#: Per-preset sizes of the discrete runs in ``benchmarks/quality.py --model discrete`` (the
+#: preset's own ``steps`` / ``batch_size`` are sized for the UNet and do not transfer).
+QUALITY_PRESETS: dict[str, dict[str, int]] = {
+    "smoke": {"train_steps": 3, "batch_size": 4, "dim": 16, "depth": 1, "samples": 8,
+              "sample_steps": 2},
+    "small": {"train_steps": 600, "batch_size": 64, "dim": 64, "depth": 2, "samples": 256,
+              "sample_steps": 50},
+    "cpu": {"train_steps": 1000, "batch_size": 64, "dim": 64, "depth": 2, "samples": 360,
+            "sample_steps": 50},
+    "gpu": {"train_steps": 8000, "batch_size": 128, "dim": 256, "depth": 6, "samples": 1024,
+            "sample_steps": 100},
+}
+
+
+def quality_section(preset: Any, args: Any) -> list[Any]:
+    """The ``discrete`` section of ``benchmarks/quality.py``: ``baseline`` and ``context`` runs
+    per dataset and seed, scored by that benchmark's own ``sample_metrics``.
+
+    ``preset`` is a ``benchmarks.quality.Preset`` (its name picks :data:`QUALITY_PRESETS`; its
+    ``seeds``, ``datasets`` and ``context_points`` are used as they are), ``args`` the parsed
+    command line (``datasets``, ``device``, ``no_progress``).
+    """
+    from benchmarks.quality import PRESETS, RunSpec, _real, sample_metrics
+
+    name = next((k for k, v in PRESETS.items() if v == preset), "small")
+    sizes = dict(QUALITY_PRESETS.get(name, QUALITY_PRESETS["small"]))
+    samples, sample_steps = sizes.pop("samples"), sizes.pop("sample_steps")
+    tokenizers: dict[str, Any] = {}
+    specs = []
+    for dataset in args.datasets or preset.datasets:
+        for variant in ("baseline", "context"):
+            for seed in preset.seeds:
+                config = DiscreteConfig(
+                    dataset=dataset, seed=seed, context=variant == "context",
+                    context_points=min(preset.context_points, 64), checkpoint_every=10**9,
+                    **sizes,
+                )
+
+                def run(config: DiscreteConfig = config, dataset: str = dataset) -> dict[str, Any]:
+                    if dataset not in tokenizers:
+                        tokenizers[dataset] = build_tokenizer(config)
+                    t0 = time.perf_counter()
+                    result = train(config, tokenizer=tokenizers[dataset],
+                                   progress=not args.no_progress, device=args.device)
+                    seconds = time.perf_counter() - t0
+                    fake = generate(result, samples, num_steps=sample_steps,
+                                    seed=1000 + config.seed)
+                    real = _real(dataset, "test", max(256, samples))
+                    tail = result.history[-50:]
+                    return {
+                        **sample_metrics(_to_metric_space(fake, dataset), real, dataset),
+                        "point_loss": statistics.fmean(h["loss"] for h in tail),
+                        "s_per_step": seconds / config.train_steps,
+                    }
+
+                specs.append(RunSpec(dataset, variant, seed, run))
+    return specs
 
 
 def _mean_std(values: list[float]) -> str:
