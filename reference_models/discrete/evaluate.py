@@ -280,8 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=None, help="write the markdown report (default path if bare)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    command = "python -m reference_models.discrete.evaluate " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    if "--write" in shown:  # where the report goes does not change a number: show the default
+        at = shown.index("--write")
+        if at + 1 < len(shown) and not shown[at + 1].startswith("--"):
+            del shown[at + 1]
+    command = "python -m reference_models.discrete.evaluate " + " ".join(shown)
     t0 = time.perf_counter()
     results = run_quality(
         args.dataset, args.seeds, train_steps=args.train_steps, num_samples=args.num_samples,
