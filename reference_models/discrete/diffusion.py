@@ -154,7 +154,7 @@ class MaskAndReplaceDiffusion(nn.Module):
         self.register_buffer("_att64", att, persistent=False)
         self.register_buffer("_ctt64", ctt, persistent=False)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # keep the float64 schedule copies in float64 under .half() / .to(dtype)
         att, ctt = self._att64, self._ctt64
         out = super()._apply(fn, recurse)
