@@ -6,8 +6,9 @@ without and with context prediction attached to two decoder blocks (``up_blocks.
 default estimator), and reports ``with / without``:
 
 * **step time**: median over ``--steps`` timed steps after ``--warmup`` steps; the variants
-  (baseline, and context prediction with each ``--points`` value) alternate step by step in one
-  process so that load drift on a shared machine hits all alike;
+  (baseline; context prediction with each ``--points`` value and the default estimator; and with
+  each ``--exact-points`` value, ``estimator="exact"`` and ``match_mask=True``) alternate step by
+  step in one process so that load drift on a shared machine hits all alike;
 * **peak memory** of a step above the memory at rest before it (weights and Adam state at rest are
   excluded; activations, gradients and temporaries included): on CUDA from
   ``torch.cuda.max_memory_allocated``; on CPU from the resident set size polled by a thread, in a
@@ -66,25 +67,33 @@ def layer_channels(args: argparse.Namespace) -> dict[str, int]:
     return {name: reversed_channels[int(name.split(".")[1])] for name in LAYERS}
 
 
-def _variants(args: argparse.Namespace) -> dict[str, int | None]:
-    return {"baseline": None, **{f"context_points_{p}": p for p in args.points}}
+Setting = tuple[int, str, bool] | None  # (points, estimator, match_mask); None = no context
+
+
+def _variants(args: argparse.Namespace) -> dict[str, Setting]:
+    out: dict[str, Setting] = {"baseline": None}
+    out.update({f"context_points_{p}": (p, "sinkhorn", False) for p in args.points})
+    out.update({f"context_points_{p}_exact_matched": (p, "exact", True)
+                for p in args.exact_points})
+    return out
 
 
 class Variant:
     """A model, optimizer and (optionally) attached context prediction, with one train step."""
 
-    def __init__(self, args: argparse.Namespace, points: int | None) -> None:
+    def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
         self.device = torch.device(args.device)
         self.model = build_unet(args).to(self.device)
         self.predictor = None
         params = list(self.model.parameters())
-        if points is not None:
+        if setting is not None:
+            points, estimator, match_mask = setting
             losses = {
                 name: ctxpred.ContextPredictionLoss(
                     ctxpred.PixelNeighborhood(strides=STRIDES),
                     ctxpred.GaussianSamplingHead(3, c, num_samples=args.samples,
                                                  num_strides=len(STRIDES)),
-                    weight=0.1, points=points,
+                    estimator, weight=0.1, points=points, match_mask=match_mask,
                 )
                 for name, c in layer_channels(args).items()
             }
@@ -113,7 +122,7 @@ class Variant:
 
 
 def measure_time(args: argparse.Namespace) -> dict[str, Any]:
-    variants = {name: Variant(args, points) for name, points in _variants(args).items()}
+    variants = {name: Variant(args, setting) for name, setting in _variants(args).items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {}
     for _ in range(args.warmup):
@@ -260,6 +269,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--points", type=int, nargs="+", default=[32, 64],
                         help="query points per sample and layer; one context variant each")
+    parser.add_argument("--exact-points", type=int, nargs="*", default=[64],
+                        help="points for variants with estimator='exact' and match_mask=True")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -270,7 +281,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.channels, args.layers = 2, 16, [16, 32, 32], 1
-        args.points, args.steps, args.warmup = [16], 2, 1
+        args.points, args.exact_points, args.steps, args.warmup = [16], [16], 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_memory:
@@ -285,10 +296,11 @@ def main(argv: list[str]) -> int:
         "machine": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
                     else f"{platform.processor() or platform.machine()}, "
                          f"{torch.get_num_threads()} thread(s)"),
-        "estimator": "sinkhorn (ContextPredictionLoss default)",
+        "estimator": "sinkhorn (the ContextPredictionLoss default); *_exact_matched: "
+                     "estimator='exact' with match_mask=True (Q = K_s = 8)",
         "config": {k: v for k, v in vars(args).items()
-                   if k in ("batch", "size", "channels", "layers", "points", "samples", "steps",
-                            "warmup")},
+                   if k in ("batch", "size", "channels", "layers", "points", "exact_points",
+                            "samples", "steps", "warmup")},
         "note": ("Shared, noisy CPU machine (other jobs running): treat the ratios as rough."
                  if args.device == "cpu" else ""),
     }
