@@ -299,21 +299,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     report += f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
     print(report)
     if args.write:
-        write_section(Path(args.write), report)
+        write_section(Path(args.write), report, args.dataset)
     return 0
 
 
-START, END = "<!-- discrete-results:start -->", "<!-- discrete-results:end -->"
+def write_section(path: Path, report: str, dataset: str) -> None:
+    """Put ``report`` between the ``dataset``'s result markers of ``path`` (hand-written text
+    around them is kept); append the markers if they are missing.
 
-
-def write_section(path: Path, report: str) -> None:
-    """Put ``report`` between the result markers of ``path`` (hand-written text around them
-    is kept); create the file with the markers if it does not exist."""
-    block = f"{START}\n{report}{END}"
+    Markers: ``<!-- discrete-results:DATASET:start -->`` / ``<!-- ...:end -->``.
+    """
+    start = f"<!-- discrete-results:{dataset}:start -->"
+    end = f"<!-- discrete-results:{dataset}:end -->"
+    block = f"{start}\n{report}{end}"
     text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = (text + "\n" if text else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
