@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def _check_ids(ids: Tensor, vocab_size: int) -> None:
         )
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface: ``encode``, ``decode``, ``codebook``, ``vocab_size``, ``patch_size``.
 
     ``patch_size`` is the side of the image block one token covers, so an ``H x W`` image gives
@@ -85,9 +86,9 @@ class Tokenizer:
         return int(self.codebook.shape[0])
 
     @property
+    @abstractmethod
     def codebook(self) -> Tensor:
         """Embedding of every token, ``(V, D)`` float32 (the ground-cost space)."""
-        raise NotImplementedError
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         """Token grid ``(h, w)`` of an ``H x W`` image."""
@@ -98,17 +99,17 @@ class Tokenizer:
             )
         return height // p, width // p
 
+    @abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """Token ids ``(B, h, w)`` long of images ``(B, C, H, W)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` of token ids ``(B, h, w)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def state(self) -> dict[str, Any]:
         """Everything needed to rebuild the tokenizer (tensors and plain values)."""
-        raise NotImplementedError
 
 
 class IntensityTokenizer(Tokenizer):
