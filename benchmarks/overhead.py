@@ -131,6 +131,7 @@ def measure_time(args: argparse.Namespace) -> dict[str, Any]:
     for name, v in variants.items():
         v.sync()
         if v.device.type == "cuda":
+            v.opt.zero_grad(set_to_none=True)  # at rest: weights and Adam state only
             torch.cuda.reset_peak_memory_stats(v.device)
             base = torch.cuda.memory_allocated(v.device)
             v.step()
@@ -152,8 +153,9 @@ def measure_time(args: argparse.Namespace) -> dict[str, Any]:
     if peaks:
         out["peak_mib"] = peaks
         out["memory_ratio"] = {k: peaks[k] / peaks["baseline"] for k in peaks if k != "baseline"}
-        out["memory_method"] = "torch.cuda.max_memory_allocated over one step, above the " \
-                               "allocation before it (weights, grads, Adam state excluded)"
+        out["memory_method"] = ("torch.cuda.max_memory_allocated over one step, above the "
+                                "allocation at rest before it (weights and Adam state excluded; "
+                                "activations, gradients and temporaries included)")
     return out
 
 
