@@ -24,7 +24,8 @@ of the checkpoint and are dropped for sampling.
 
 Conveniences: seeds (model init, batches, diffusion noise), a tqdm progress bar, atomic
 resumable checkpoints (temporary file + ``os.replace``; a run restarted with the same path and
-config continues where it stopped, bit-identically on the same machine).
+config continues where it stopped; on the CPU bit-identically, on a GPU the corruption noise
+comes from the device generator and is not part of the checkpoint).
 """
 
 from __future__ import annotations
