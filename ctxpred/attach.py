@@ -19,6 +19,12 @@ Contract:
   ``state_dict`` is untouched, and a ``copy.deepcopy(model)`` (EMA) gets inert hooks that
   reference no head;
 * :meth:`ContextPredictor.remove` (or leaving the ``with`` block) removes every hook.
+
+With DDP, wrap :meth:`ContextPredictor.training_module` (the model and the heads in one module)
+instead of the bare model, so that the heads' gradients are averaged across ranks too; call the
+wrapper for the forward and ``predictor.loss(...)`` as usual. Every head takes part in every
+step, so ``find_unused_parameters`` can stay ``False``. Lazy heads (``in_channels=None``) must be
+materialized first (:meth:`ContextPredictor.initialize`).
 """
 
 from __future__ import annotations
