@@ -82,8 +82,13 @@ PRESETS: dict[str, Preset] = {
     # runnable on today's shared 2-core CPU in ~20-25 min: ablations on one seed only
     "small": Preset(steps=300, batch_size=16, base_channels=16, lr=1e-3, samples=64,
                     sample_steps=25, seeds=(0, 1, 2), ablation_seeds=(0,), context_points=32),
+    # the demo's training budget (800 steps); with --datasets textures --variants baseline
+    # context it takes ~25 min on today's shared 2-core CPU
+    "medium": Preset(steps=800, batch_size=16, base_channels=16, lr=1e-3, samples=64,
+                     sample_steps=50, seeds=(0, 1, 2), ablation_seeds=(0, 1, 2),
+                     context_points=32),
     # CPU default, < 1 hour on 2 cores: every variant on three seeds
-    "cpu": Preset(steps=600, batch_size=16, base_channels=16, lr=1e-3, samples=128,
+    "cpu": Preset(steps=500, batch_size=16, base_channels=16, lr=1e-3, samples=128,
                   sample_steps=25, seeds=(0, 1, 2), ablation_seeds=(0, 1, 2), context_points=32),
     # seconds: checks that every variant and metric runs (numbers meaningless)
     "smoke": Preset(steps=3, batch_size=4, base_channels=8, lr=1e-3, samples=8, sample_steps=2,
