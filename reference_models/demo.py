@@ -1,7 +1,7 @@
 """The demo: train the continuous reference model on bundled textures with and without context
 prediction (same seed, same steps), sample from both, and report metrics.
 
-    python -m reference_models.demo                  # CPU defaults (see --help), ~10 min
+    python -m reference_models.demo                  # CPU defaults (see --help)
     python -m reference_models.demo --steps 4000 --device cuda --batch-size 64 --base-channels 64
 
 Writes to ``--out`` (default ``results/``, gitignored):
@@ -11,6 +11,9 @@ Writes to ``--out`` (default ``results/``, gitignored):
 * ``loss_curves.png`` — point-wise loss of both runs and the context loss;
 * ``metrics.md`` / ``metrics.json`` — the metrics table (also printed at the end);
 * ``checkpoints/`` — resumable checkpoints (re-running the same command resumes or reuses them).
+
+With the defaults it took 512 s in total (183 s + 263 s of training) on a 2-core CPU shared with
+other jobs, with one torch thread.
 
 Metrics (``benchmarks.metrics``, lower is better): Laplacian-pyramid patch SWD of samples vs
 held-out crops, the (pixel, neighbor) joint-distribution discrepancy at strides 1..3, and masked
@@ -47,27 +50,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dataset", default="textures", help="bundled dataset name")
     p.add_argument("--steps", type=int, default=800, help="training steps of each run")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16, help="images per training step")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="side of the square crops (divisible by 4, at most 128 for textures)")
     p.add_argument("--base-channels", type=int, default=16, help="UNet width")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--context-weight", type=float, default=0.1, help="lambda")
     p.add_argument("--context-points", type=int, default=32,
                    help="query points per image and step for the context loss")
-    p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--estimator", default="sinkhorn")
+    p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3],
+                   help="neighborhood strides of the context loss")
+    p.add_argument("--estimator", default="sinkhorn", help="Wasserstein estimator name")
     p.add_argument("--samples", type=int, default=64, help="generated samples per run")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ancestral DDPM (respaced) or deterministic DDIM")
     p.add_argument("--sample-steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--inpaint-images", type=int, default=16)
-    p.add_argument("--inpaint-steps", type=int, default=25)
+    p.add_argument("--inpaint-images", type=int, default=16,
+                   help="held-out images inpainted (centre hole)")
+    p.add_argument("--inpaint-steps", type=int, default=25, help="RePaint steps")
     p.add_argument("--resample", type=int, default=4, help="RePaint resampling per step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of both runs and the sampler")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (1 is fastest on a shared machine)")
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     return p.parse_args(argv)
 
