@@ -80,7 +80,11 @@ class ContextConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
+    """Everything that defines a training run (stored in every checkpoint).
+
+    ``flip``: random horizontal flips of the training images; ``None`` means on, except for
+    ``"digits"`` (a mirrored digit is not a digit).
+    """
 
     dataset: str = "textures"
     image_size: int | None = None
@@ -97,7 +101,7 @@ class TrainConfig:
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
     dropout: float = 0.0
-    flip: bool = True
+    flip: bool | None = None
     seed: int = 0
     device: str = "cpu"
     log_every: int = 25
@@ -243,7 +247,10 @@ class Trainer:
     def _batch(self) -> Tensor:
         idx = torch.randint(0, len(self.data), (self.config.batch_size,), generator=self.generator)
         x0 = self.data[idx.to(self.device)]
-        if self.config.flip:
+        flip_enabled = self.config.flip
+        if flip_enabled is None:
+            flip_enabled = self.config.dataset != "digits"
+        if flip_enabled:
             flip = torch.rand(len(idx), generator=self.generator) < 0.5
             x0 = torch.where(flip.to(self.device)[:, None, None, None], x0.flip(-1), x0)
         return x0
