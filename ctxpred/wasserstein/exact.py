@@ -15,7 +15,9 @@ shortest-augmenting-path algorithm (the one behind scipy's
 with at most ``r + 1`` Dijkstra steps, so the solve is at most ``n(n+1)/2`` steps of
 ``(n, B)`` tensor operations -- no Python loop over problems, finished problems masked. On an
 accelerator the step count is fixed and data-independent (no host sync); on a CPU, where asking
-"is every problem done?" costs nothing, a phase stops as soon as all problems are done. The
+"how many problems are still searching?" costs nothing, a phase works on the shrinking set of
+problems still searching (compacted whenever half of them have finished) and stops when none
+is. The
 result is exact (the algorithm maintains dual feasibility; ties are broken arbitrarily). The plan
 is found without autograd; the value is recomputed from the matched pairs, so its gradient is
 the envelope gradient :math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i -
@@ -111,59 +113,94 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     # loops stop early there; on accelerators they run their fixed, data-independent count.
     early_exit = device.type == "cpu"
     blocked_big = blocked.to(cost.dtype) * big
-    state = cost.new_empty(4, n, bsz)
-    spc_at_visit, spc, neg_v, visited_f = state.unbind(0)
+    spc_at_visit = cost.new_zeros(n, bsz)
+    visited_f = cost.new_zeros(n, bsz)
+    path_f = cost.new_zeros(n, bsz)
     # row r of problem b is cost_t[r, :, b]: a flat take() with these offsets fetches rows
     column_offsets = torch.arange(n * bsz, device=device).view(n, bsz)
     for r in range(n):
         valid = row_valid[r : r + 1]
-        act = valid.to(cost.dtype)  # 1 while the problem still searches in this phase
-        min_val = cost.new_zeros(1, bsz)
-        # path cost at visit, path costs of unvisited columns (big: visited), -v (big: visited
-        # or blocked), visited flag.
-        spc_at_visit.zero_()
-        spc.fill_(big)
-        torch.sub(blocked_big, v, out=neg_v)
-        visited_f.zero_()
-        path_f = cost.new_zeros(n, bsz)
-        row_i = cost.new_full((1, bsz), float(r))
-        row_l = torch.full((1, bsz), r, dtype=torch.long, device=device)
-        u_i = u[r : r + 1].clone()
-        sink = cost.new_full((1, bsz), -1.0)
+        # Working set: the problems still searching (CPU: compacted as they finish).
+        pid = valid[0].nonzero().squeeze(1) if early_exit else None
+        width = bsz if pid is None else pid.numel()
+
+        def pick(t: Tensor, pid: Tensor | None = pid) -> Tensor:
+            return t if pid is None else t.index_select(1, pid)
+
+        min_all = sink_all = None
+        act = pick(valid.to(cost.dtype))  # 1 while the problem still searches in this phase
+        min_val = cost.new_zeros(1, width)
+        w_spc_at_visit = cost.new_zeros(n, width)
+        spc = cost.new_full((n, width), big)  # path costs of unvisited columns (big: visited)
+        neg_v = pick(blocked_big - v)  # -v; +big where blocked (and, below, where visited)
+        w_visited = cost.new_zeros(n, width)
+        w_path = cost.new_zeros(n, width)
+        row_i = cost.new_full((1, width), float(r))
+        row_l = torch.full((1, width), r, dtype=torch.long, device=device)
+        u_i = pick(u[r : r + 1])
+        sink = cost.new_full((1, width), -1.0)
+        offsets = pick(column_offsets)
+        first_row = pick(cost_t[r])
+        if pid is not None:
+            spc_at_visit.zero_()
+            visited_f.zero_()
+            path_f.zero_()
+            min_all = cost.new_zeros(1, bsz)
+            sink_all = cost.new_full((1, bsz), -1.0)
+
         # Phase r: at most r + 1 Dijkstra steps (one per matched column, plus the free one).
         # Float arithmetic only (0/1 masks, indices as floats): CPU bool kernels are slow here.
         for step in range(r + 1):
-            if early_exit and step > 0 and not bool(act.any()):
+            if width == 0:
                 break
             offset = min_val - u_i + (1.0 - act) * big
             if step == 0:
-                row = cost_t[r]
+                row = first_row
             else:
-                row = cost_t.take(column_offsets + row_l * (n * bsz))
+                row = cost_t.take(offsets + row_l * (n * bsz))
             reduced = row + neg_v + offset
             better = torch.sign(spc - reduced).clamp_min_(0.0)
             torch.minimum(spc, reduced, out=spc)
-            path_f.addcmul_(better, row_i - path_f)
+            w_path.addcmul_(better, row_i - w_path)
             low = spc.amin(0, keepdim=True)
             key = torch.add(rows_f, torch.sign(spc - low), alpha=n)
             j_f = key.amin(0, keepdim=True)
-            j = j_f.long()
             min_val.addcmul_(act, low - min_val)
             # one-hot of the visited column (key - j_f is 0 there, an integer >= 1 elsewhere)
             hit = (key - j_f).clamp_max_(1.0).neg_().add_(1.0).mul_(act)
-            visited_f.add_(hit)
-            spc_at_visit.addcmul_(hit, low)
+            w_visited.add_(hit)
+            w_spc_at_visit.addcmul_(hit, low)
             hit.mul_(big)
             spc.add_(hit)
             neg_v.add_(hit)
-            owner = row4col_f.gather(0, j)
+            owner = row4col_f.take(offsets[:1] + j_f.long() * bsz)
             free = (-owner).clamp_min_(0.0)  # 1 if the column is unmatched (owner -1)
             done = act * free
             sink.addcmul_(done, j_f - sink)
             row_i.addcmul_(act - done, owner - row_i)
             row_l = row_i.long()
-            u_i = u.gather(0, row_l)
+            u_i = u.take(offsets[:1] + row_l * bsz)
             act = act - done
+            if pid is not None:  # CPU: count the searching problems, compact when half are done
+                remaining = int(act.sum())
+                if remaining == 0:
+                    break
+                if 2 * remaining <= width:
+                    _scatter_back(pid, (spc_at_visit, visited_f, path_f, min_all, sink_all),
+                                  (w_spc_at_visit, w_visited, w_path, min_val, sink))
+                    keep = act[0].nonzero().squeeze(1)
+                    pid, width = pid.index_select(0, keep), remaining
+                    (act, min_val, w_spc_at_visit, spc, neg_v, w_visited, w_path, row_i, row_l,
+                     u_i, sink, offsets) = (
+                        t.index_select(1, keep) for t in (
+                            act, min_val, w_spc_at_visit, spc, neg_v, w_visited, w_path, row_i,
+                            row_l, u_i, sink, offsets))
+        if pid is not None:
+            _scatter_back(pid, (spc_at_visit, visited_f, path_f, min_all, sink_all),
+                          (w_spc_at_visit, w_visited, w_path, min_val, sink))
+            min_val, sink = min_all, sink_all
+        else:
+            spc_at_visit, visited_f, path_f = w_spc_at_visit, w_visited, w_path
         path = path_f.long()
         sink = sink.long()
         # Dual update: visited rows and columns move by min_val minus their path cost.
@@ -207,6 +244,12 @@ def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[i
             cols.append(bits)
         levels.append((masks, preds, cols))
     return levels
+
+
+def _scatter_back(pid: Tensor, full: tuple[Tensor, ...], work: tuple[Tensor, ...]) -> None:
+    """Copy the working set's columns (problems ``pid``) into the full-batch tensors."""
+    for dst, src in zip(full, work):
+        dst.index_copy_(1, pid, src)
 
 
 def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) -> Tensor:
