@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(ROOT))
+    env.setdefault("NO_MKDOCS_2_WARNING", "1")  # mkdocs-material prints an end-of-life banner
     if task == "test":
         _sh([str(PY), "-m", "ruff", "check", "."], env=env)
         _sh([str(PY), "-m", "pytest", *rest], env=env)
