@@ -253,7 +253,9 @@ def aggregate(results: dict[str, dict[str, Any]]) -> str:
         dataset, variant, _ = key.split("/")
         grouped.setdefault(dataset, {}).setdefault(variant, []).append(metrics)
     lines: list[str] = []
-    for dataset, variants in grouped.items():
+    for dataset, unordered in grouped.items():
+        order = {"baseline": 0, "context": 1, "real-vs-real": 3}
+        variants = dict(sorted(unordered.items(), key=lambda kv: order.get(kv[0], 2)))
         present = [m for m in _METRICS if any(m in r for rs in variants.values() for r in rs)]
         lines += [f"### {dataset}", "", "| variant | seeds | " + " | ".join(present) + " |",
                   "|---" * (len(present) + 2) + "|"]
