@@ -238,9 +238,10 @@ def forward_backward(fn: Estimator, x: torch.Tensor, y: torch.Tensor):
 
 
 def time_call(fn: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int,
-              device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+              device: torch.device, warm_up: bool = True
+              ) -> tuple[float, float, torch.Tensor | None, torch.Tensor | None]:
     """Median wall time and median process CPU time (all threads) of forward + backward."""
-    values, grad = forward_backward(fn, x, y)  # warm-up (also the accuracy sample)
+    values, grad = forward_backward(fn, x, y) if warm_up else (None, None)
     walls, cpus = [], []
     for _ in range(repeats):
         sync(device)
@@ -253,42 +254,53 @@ def time_call(fn: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int,
 
 
 def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm up and measure every estimator, then time them round-robin (``--repeats`` rounds),
+    so that load drifting on a shared machine hits all of them alike."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, k, d, generator=g).to(device)
     y = torch.randn(n, k, d, generator=g).to(device)
     exact_values, exact_grad = exact_reference(x, y)
-    rows = []
+    live, rows = [], {}
     for est in build(args.quick):
         if args.skip and any(s.lower() in est["name"].lower() for s in args.skip):
             continue
         sub = n if est["kind"] == "batched" else min(n, args.loop_n)
-        xs, ys = x[:sub], y[:sub]
         try:
-            seconds, cpu_seconds, values, grad = time_call(est["fn"], xs, ys, args.repeats,
-                                                           device)
-            memory = peak_memory_mib(lambda e=est, a=xs, b=ys: forward_backward(e["fn"], a, b),
-                                     device)
+            values, grad = forward_backward(est["fn"], x[:sub], y[:sub])  # warm-up + accuracy
+            memory = peak_memory_mib(
+                lambda e=est, a=x[:sub], b=y[:sub]: forward_backward(e["fn"], a, b), device
+            )
         except Exception as err:  # a peer failing must not stop the run
-            rows.append(dict(name=est["name"], error=f"{type(err).__name__}: {err}"[:200]))
+            rows[est["name"]] = dict(name=est["name"], error=f"{type(err).__name__}: {err}"[:200])
             print(f"  {est['name']:55s} FAILED: {err}", flush=True)
             continue
-        seconds_all = seconds * n / sub
         rel = (values.double().cpu() - exact_values[:sub].cpu()) / exact_values[:sub].cpu()
         cos = torch.nn.functional.cosine_similarity(
             grad.double().flatten(1), exact_grad[:sub].double().flatten(1), dim=1
         )
-        row = dict(
-            name=est["name"], note=est["note"], seconds=seconds_all,
-            cpu_seconds=cpu_seconds * n / sub, measured_on=sub,
-            extrapolated=sub < n, peak_mem_mib=memory, rel_err_mean=float(rel.mean()),
+        rows[est["name"]] = dict(
+            name=est["name"], note=est["note"], measured_on=sub, extrapolated=sub < n,
+            peak_mem_mib=memory, rel_err_mean=float(rel.mean()),
             rel_err_abs_mean=float(rel.abs().mean()), grad_cos_mean=float(cos.mean()),
         )
-        rows.append(row)
-        print(f"  {est['name']:55s} {fmt_time(seconds_all):>9s} "
-              f"(cpu {fmt_time(row['cpu_seconds']):>9s})  mem {fmt_mem(memory):>8s}  "
+        live.append((est, sub))
+    walls: dict[str, list[float]] = {est["name"]: [] for est, _ in live}
+    cpus: dict[str, list[float]] = {est["name"]: [] for est, _ in live}
+    for _ in range(args.repeats):
+        for est, sub in live:
+            wall, cpu, _, _ = time_call(est["fn"], x[:sub], y[:sub], 1, device, warm_up=False)
+            walls[est["name"]].append(wall * n / sub)
+            cpus[est["name"]].append(cpu * n / sub)
+    for est, _ in live:
+        row = rows[est["name"]]
+        row["seconds"] = statistics.median(walls[est["name"]])
+        row["cpu_seconds"] = statistics.median(cpus[est["name"]])
+        print(f"  {est['name']:55s} {fmt_time(row['seconds']):>9s} "
+              f"(cpu {fmt_time(row['cpu_seconds']):>9s})  mem {fmt_mem(row['peak_mem_mib']):>8s}  "
               f"rel {row['rel_err_mean']:+.2e} (|{row['rel_err_abs_mean']:.1e}|)  "
               f"cos {row['grad_cos_mean']:.3f}", flush=True)
-    return dict(n=n, k=k, d=d, rows=rows, targets=targets(rows))
+    ordered = list(rows.values())
+    return dict(n=n, k=k, d=d, rows=ordered, targets=targets(ordered))
 
 
 def _find(rows: list[dict], prefix: str) -> dict | None:
@@ -381,7 +393,8 @@ def markdown(doc: dict) -> str:
         else "",
         "",
         "Time = forward + backward of `values.mean()` w.r.t. the predicted points for *all* N "
-        "problems (median of the repeats; `*` = timed on a subsample and extrapolated); CPU "
+        "problems (median of the repeats, taken round-robin over the estimators; `*` = timed on "
+        "a subsample and extrapolated); CPU "
         "time = the process's CPU time over the same call (all threads; on a shared machine "
         "the steadier measure of work, since it leaves out time spent descheduled). "
         "Memory = peak increase during one call (CPU: peak RSS; CUDA: max allocated). "
