@@ -165,13 +165,19 @@ def quality_section(preset: Any, args: Any) -> list[Any]:
     """The ``discrete`` section of ``benchmarks/quality.py``: ``baseline`` and ``context`` runs
     per dataset and seed, scored by that benchmark's own ``sample_metrics``.
 
-    ``preset`` is a ``benchmarks.quality.Preset`` (its name picks :data:`QUALITY_PRESETS`; its
-    ``seeds``, ``datasets`` and ``context_points`` are used as they are), ``args`` the parsed
-    command line (``datasets``, ``device``, ``no_progress``).
+    ``preset`` is a ``benchmarks.quality.Preset`` (its name, ``args.preset``, picks
+    :data:`QUALITY_PRESETS`; its ``seeds``, ``datasets`` and ``context_points`` are used as they
+    are), ``args`` the parsed command line (``preset``, ``datasets``, ``device``,
+    ``no_progress``).
     """
     from benchmarks.quality import PRESETS, RunSpec, _real, sample_metrics
 
-    name = next((k for k, v in PRESETS.items() if v == preset), "small")
+    # the preset's name: from the command line, else by value (``benchmarks/quality.py`` run as a
+    # script defines its own ``Preset`` class, so compare field values, not instances)
+    name = getattr(args, "preset", None) or next(
+        (k for k, v in PRESETS.items() if dataclasses.asdict(v) == dataclasses.asdict(preset)),
+        "small",
+    )
     sizes = dict(QUALITY_PRESETS.get(name, QUALITY_PRESETS["small"]))
     samples, sample_steps = sizes.pop("samples"), sizes.pop("sample_steps")
     tokenizers: dict[str, Any] = {}
