@@ -148,12 +148,15 @@ def run_quality(
 
 
 #: Per-preset sizes of the discrete runs in ``benchmarks/quality.py --model discrete`` (the
-#: preset's own ``steps`` / ``batch_size`` are sized for the UNet and do not transfer).
+#: preset's own ``steps`` / ``batch_size`` are sized for the UNet and do not transfer). A preset
+#: missing here runs with the ``small`` sizes.
 QUALITY_PRESETS: dict[str, dict[str, int]] = {
     "smoke": {"train_steps": 3, "batch_size": 4, "dim": 16, "depth": 1, "samples": 8,
               "sample_steps": 2},
     "small": {"train_steps": 600, "batch_size": 64, "dim": 64, "depth": 2, "samples": 256,
               "sample_steps": 50},
+    "medium": {"train_steps": 800, "batch_size": 64, "dim": 64, "depth": 2, "samples": 256,
+               "sample_steps": 50},
     "cpu": {"train_steps": 1000, "batch_size": 64, "dim": 64, "depth": 2, "samples": 360,
             "sample_steps": 50},
     "gpu": {"train_steps": 8000, "batch_size": 128, "dim": 256, "depth": 6, "samples": 1024,
