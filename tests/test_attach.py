@@ -24,15 +24,6 @@ from ctxpred import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, OpenMP barriers dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclasses.dataclass
 class BlockOutput:
     sample: torch.Tensor

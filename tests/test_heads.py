@@ -17,15 +17,6 @@ from ctxpred import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, OpenMP barriers dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     batch=st.integers(1, 3), points=st.integers(1, 6), c_in=st.integers(1, 9),

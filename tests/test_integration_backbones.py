@@ -25,15 +25,6 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, OpenMP barriers dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 UNET_CONFIG = dict(
     sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
     block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),

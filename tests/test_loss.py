@@ -41,15 +41,6 @@ from ctxpred.functional import (
 FAST = settings(max_examples=12, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, OpenMP barriers dominate tiny ops."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_mask(gen, shape, p=0.7):
     return torch.rand(shape, generator=gen) < p
 

@@ -23,15 +23,6 @@ from ctxpred.errors import CtxpredError
 from reference_models.data import load_dataset, load_digits_with_labels
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronization (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def textures() -> tuple[torch.Tensor, torch.Tensor]:
     return (load_dataset("textures", "train", num_samples=48, seed=1),

@@ -18,16 +18,6 @@ from reference_models.continuous import (
 )
 from reference_models.data import load_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronization (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(dataset="digits", num_train_images=32, batch_size=4, base_channels=8,
             channel_mults=(1, 2), num_timesteps=20, log_every=2, checkpoint_every=2)
 
