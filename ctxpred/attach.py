@@ -225,11 +225,17 @@ class ContextPredictor:
             return target.get(name)
         return target
 
-    def losses(self, target: Tensor | Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def losses(
+        self,
+        target: Tensor | Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
         """Per-layer weighted losses ``{name: scalar}``; releases the captured outputs.
 
         ``target`` is one tensor for every layer, a ``{name: tensor}`` mapping, or ``None`` (each
-        layer's own features).
+        layer's own features). ``generator`` (optional) drives every random choice of the step
+        (query-point subsets, the heads' sampling noise) instead of the global RNG, for
+        reproducible or resumable training.
         """
         missing = [name for name in self.loss_modules if name not in self._captured]
         if missing:
@@ -242,7 +248,9 @@ class ContextPredictor:
         try:
             for name, loss in self.loss_modules.items():
                 try:
-                    out[name] = loss(self._captured[name], self._target_for(name, target))
+                    out[name] = loss(
+                        self._captured[name], self._target_for(name, target), generator
+                    )
                 except CtxpredError as err:
                     if f"{name!r}" in str(err):
                         raise
@@ -252,9 +260,14 @@ class ContextPredictor:
         self.last_losses = {name: value.detach() for name, value in out.items()}
         return out
 
-    def loss(self, target: Tensor | Mapping[str, Tensor] | None = None) -> Tensor:
-        """Sum of the per-layer losses (each already weighted by its ``weight``)."""
-        return torch.stack(list(self.losses(target).values())).sum()
+    def loss(
+        self,
+        target: Tensor | Mapping[str, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sum of the per-layer losses (each already weighted by its ``weight``); see
+        :meth:`losses` for ``target`` and ``generator``."""
+        return torch.stack(list(self.losses(target, generator).values())).sum()
 
     @torch.no_grad()
     def initialize(self, *args: Any, **kwargs: Any) -> ContextPredictor:

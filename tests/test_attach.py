@@ -243,3 +243,19 @@ def test_token_outputs_with_grid_shape():
         value = predictor.loss(target=ids)
         value.backward()
     assert model.embed.weight.grad.abs().sum() > 0
+
+
+def test_generator_makes_the_step_reproducible_without_the_global_rng():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 3, 8, 8)
+    predictor = ctxpred.attach(model, {"mid": _loss(points=5), "up": _loss(points=7)})
+    values = []
+    for global_seed in (1, 2):
+        model(x)
+        torch.manual_seed(global_seed)  # the global RNG differs, the generator is the same
+        values.append(predictor.losses(target=x, generator=torch.Generator().manual_seed(3)))
+    for name in ("mid", "up"):
+        torch.testing.assert_close(values[0][name], values[1][name], rtol=0, atol=0)
+    model(x)
+    other = predictor.loss(target=x, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(other, sum(values[0].values()))
