@@ -34,15 +34,6 @@ SETTINGS = settings(max_examples=25, deadline=None)
 FAST = settings(max_examples=12, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread avoids pool wake-ups (ms each on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pot_oracle(x, y, a=None, b=None, p=2):
     """ot.emd2 per problem, float64, on (B, N, D) / (B, M, D)."""
     x, y = x.double().numpy(), y.double().numpy()
