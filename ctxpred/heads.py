@@ -106,7 +106,7 @@ class ContextHead(nn.Module):
 
 
 class GaussianSamplingHead(ContextHead):
-    r"""The distributional context decoder of the method (method.md §3).
+    r"""The distributional context decoder of the method ("Context decoders" on the method page).
 
     From ``z_i`` a linear layer predicts, per stride ``s``, a diagonal Gaussian
     :math:`(\mu_i^s, \log\sigma_i^s)` in a latent space of size ``latent_dim``; ``Q`` samples

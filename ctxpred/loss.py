@@ -1,4 +1,4 @@
-r"""The context-prediction loss of one layer (method.md §5).
+r"""The context-prediction loss of one layer ("Total objective" on the method page).
 
 .. math::
     L_{ctx}^{l} = \lambda \sum_{s \in S} w_s \; \frac{1}{B} \sum_b
