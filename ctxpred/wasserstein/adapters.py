@@ -63,7 +63,7 @@ def pot_wasserstein(
     """
     ot = _require("ot")
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
-    nonempty = prep.nonempty.cpu().tolist()
+    nonempty = prep.nonempty.cpu().tolist()  # host: POT solves one problem at a time on the CPU
     values = []
     for k in range(prep.x.shape[0]):
         if not nonempty[k]:

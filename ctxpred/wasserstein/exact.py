@@ -379,6 +379,7 @@ def _solve_transport(prep: Prepared, p: float) -> Tensor:
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
     with torch.no_grad():
         xc, yc = center(x.detach(), y.detach(), b)
+        # host: POT's network simplex runs on the CPU, one problem at a time (documented fallback)
         cost = pairwise_cost(xc.double(), yc.double(), p).cpu().numpy()
         a_np, b_np = a.double().cpu().numpy(), b.double().cpu().numpy()
         nonempty = prep.nonempty.cpu().tolist()
