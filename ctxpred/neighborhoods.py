@@ -156,7 +156,7 @@ def _to_points_last(
 
 
 def _check_reachable(
-    spatial: tuple[int, ...], strides: tuple[int, ...], kernel_size: int, allow_empty: bool
+    spatial: tuple[int, ...], strides: tuple[int, ...], allow_empty: bool
 ) -> None:
     if allow_empty:
         return
@@ -280,7 +280,7 @@ def _extract(
     allow_empty: bool,
 ) -> Neighborhood:
     strides, kernel_size = _validate_strides_kernel(strides, kernel_size)
-    _check_reachable(spatial, strides, kernel_size, allow_empty)
+    _check_reachable(spatial, strides, allow_empty)
     batch, num = x_pts.shape[0], x_pts.shape[1]
     pts = _resolve_points(points, num, batch, x_pts.device, generator)
     index, valid, stride_index = _neighbor_index(spatial, strides, kernel_size, pts)
@@ -399,10 +399,6 @@ class _NeighborhoodModule(nn.Module):
         self.strides, self.kernel_size = _validate_strides_kernel(strides, kernel_size)
         self.grid_shape = tuple(grid_shape) if grid_shape is not None else None
         self.allow_empty = allow_empty
-
-    def slots(self, ndim: int) -> int:
-        """``K`` for a grid with ``ndim`` spatial dims."""
-        return len(self.strides) * (self.kernel_size**ndim - 1)
 
     def extra_repr(self) -> str:
         g = f", grid_shape={self.grid_shape}" if self.grid_shape else ""
