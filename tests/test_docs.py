@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pkgutil
 import re
+import subprocess
+import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -218,3 +222,105 @@ def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Pat
     assert "### Speed" in out and "\n# not a heading\n" in out and "| 1 |" in out
     assert "`docs/results/missing.md` does not exist" in out
     assert "`python3 run.py bench missing`" in out and "<!--" not in out
+
+
+class _PageScan(HTMLParser):
+    """What a built page loads (scripts, stylesheets) and its visible text outside code/math."""
+
+    _SKIP = frozenset({"code", "pre", "script", "style", "kbd", "samp"})
+    _VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+                       "meta", "source", "track", "wbr"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+        self.stylesheets: list[str] = []
+        self.text: list[str] = []
+        self.math = 0
+        self._stack: list[bool] = []  # per open element: does it hide its text from the check
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "script" and a.get("src"):
+            self.scripts.append(a["src"])
+        if tag == "link" and "stylesheet" in a.get("rel", "").split():
+            self.stylesheets.append(a.get("href", ""))
+        if tag in self._VOID:
+            return
+        is_math = "arithmatex" in a.get("class", "").split()
+        self.math += is_math
+        hidden = tag in self._SKIP or is_math or bool(self._stack and self._stack[-1])
+        self._stack.append(hidden)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in self._VOID and self._stack:
+            self._stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        if not (self._stack and self._stack[-1]):
+            self.text.append(data)
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site as ``mkdocs build --strict`` writes it (about 10 s)."""
+    site = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(site)],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return site
+
+
+def _built_pages(site: Path) -> list[Path]:
+    return sorted(p for p in site.rglob("*.html") if not p.relative_to(site).parts[0] == "assets")
+
+
+_EXTERNAL = re.compile(r"^(https?:)?//", re.IGNORECASE)
+_RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`")
+
+
+def test_site_loads_nothing_from_the_network(built_site: Path) -> None:
+    pages = _built_pages(built_site)
+    assert len(pages) >= 10
+    external = []
+    for page in pages:
+        scan = _PageScan()
+        scan.feed(page.read_text())
+        external += [f"{page.relative_to(built_site)}: {url}"
+                     for url in scan.scripts + scan.stylesheets if _EXTERNAL.match(url)]
+    assert not external, "pages load scripts or stylesheets from the network:\n" + "\n".join(
+        external)
+    # the math renderer is part of the site, fonts included
+    mathjax = built_site / "javascripts/mathjax"
+    assert (mathjax / "tex-chtml.js").stat().st_size > 100_000
+    assert len(list((mathjax / "output/chtml/fonts/woff-v2").glob("*.woff"))) > 10
+
+
+def test_site_text_has_no_raw_tex_or_rst_roles(built_site: Path) -> None:
+    """Outside code and the math elements that MathJax typesets, no ``\\(``, ``\\[`` or role."""
+    raw, math_pages = [], 0
+    for page in _built_pages(built_site):
+        scan = _PageScan()
+        scan.feed(page.read_text())
+        math_pages += scan.math > 0
+        if scan.math:
+            assert any(s.endswith("javascripts/mathjax/tex-chtml.js") for s in scan.scripts), page
+        text = "".join(scan.text)
+        raw += [f"{page.relative_to(built_site)}: ...{text[max(0, m.start() - 40):m.end() + 40]}..."
+                for m in _RAW.finditer(text)]
+    assert math_pages >= 3, "the method and API pages have formulas: arithmatex found none"
+    assert not raw, "raw TeX or RST roles in the rendered text:\n" + "\n".join(raw)
+
+
+def test_page_scan_sees_external_assets_and_raw_text() -> None:
+    scan = _PageScan()
+    scan.feed('<link rel="stylesheet" href="https://cdn/x.css"><script src="//cdn/m.js"></script>'
+              '<p>a \\(x\\) <code>\\(ok\\)</code><span class="arithmatex">\\(ok\\)</span>'
+              '<br>:class:`Y`</p>')
+    assert scan.scripts == ["//cdn/m.js"] and scan.stylesheets == ["https://cdn/x.css"]
+    assert all(_EXTERNAL.match(u) for u in scan.scripts + scan.stylesheets)
+    assert not _EXTERNAL.match("../assets/javascripts/bundle.js")
+    assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == ["\\(", ":class:`"]
