@@ -14,8 +14,10 @@ the nav exists.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import pkgutil
 import re
@@ -95,27 +97,94 @@ def test_code_blocks_parser() -> None:
     assert blocks[0][1] == "a = 1\n" and blocks[2][1] == "b = a + 1\n"
 
 
-@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page: Path) -> None:
-    blocks = code_blocks(page.read_text())
+OUTPUT_INFO = 'text title="Output"'
+_OUTPUT = re.compile(
+    r"^```python[^\n]*\n(?:(?!```).*\n)*?```[ \t]*\n\s*"  # a python block, blank lines,
+    r"^```text title=\"Output\"\n(?P<out>(?:(?!```).*\n)*?)```",  # then its output block
+    re.MULTILINE,
+)
+
+
+def output_blocks(text: str) -> dict[int, str]:
+    """``{line of a python block: the output block right after it}`` (top-level blocks only).
+
+    An output block is a ```` ```text title="Output" ```` fence that follows a ```python block,
+    separated by blank lines only; it shows what the code prints, and the test checks it.
+    """
+    return {text[: m.start()].count("\n") + 1: m["out"] for m in _OUTPUT.finditer(text)}
+
+
+def run_page(page: Path) -> dict[int, str]:
+    """Run a page's python blocks in order, in one namespace: ``{line: what the block printed}``."""
     namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
+    printed: dict[int, str] = {}
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny examples: threads only add contention on a shared machine
     try:
-        for line, source, skipped in blocks:
+        for line, source, skipped in code_blocks(page.read_text()):
             if skipped:
                 continue
             code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec")
+            buffer = io.StringIO()
             try:
-                exec(code, namespace)
+                with contextlib.redirect_stdout(buffer):
+                    exec(code, namespace)
             except Exception as err:
                 raise AssertionError(
                     f"the code block at {page.relative_to(ROOT)} line {line} failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
+            printed[line] = buffer.getvalue()
     finally:
         torch.set_num_threads(threads)
+    return printed
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page: Path) -> None:
+    """Every block runs; an output block shown after a block is what that block prints."""
+    printed = run_page(page)
+    for line, shown in output_blocks(page.read_text()).items():
+        assert printed.get(line, "").strip() == shown.strip(), (
+            f"{page.relative_to(ROOT)} line {line}: the output block differs from what the code "
+            f"prints; rerun `python tests/test_docs.py {page.relative_to(ROOT)}`.\n"
+            f"printed:\n{printed.get(line, '')}\nshown:\n{shown}"
+        )
+
+
+def test_output_blocks_parser() -> None:
+    text = "```python\nprint(1)\n```\n\n```text title=\"Output\"\n1\n```\n```python\nx\n```\n"
+    assert output_blocks(text) == {1: "1\n"}
+    # a block without output is not paired with the output of the next block
+    later = "```python\na\n```\n" + text
+    assert output_blocks(later) == {4: "1\n"}
+
+
+def update_outputs(page: Path) -> None:
+    """Write, after every top-level python block that prints, its output block (or refresh it)."""
+    printed = run_page(page)
+    lines = page.read_text().split("\n")
+    shown = output_blocks("\n".join(lines))
+    for line in sorted(printed, reverse=True):
+        out = printed[line].rstrip("\n")
+        start = line - 1
+        if lines[start].startswith(" "):
+            continue  # indented blocks (admonitions, lists) are left alone
+        end = start + 1
+        while not lines[end].startswith("```"):
+            end += 1
+        if line in shown:  # replace the existing output block
+            o_start = end + 1
+            while lines[o_start].strip() == "":
+                o_start += 1
+            o_end = o_start + 1
+            while not lines[o_end].startswith("```"):
+                o_end += 1
+            del lines[end + 1 : o_end + 1]
+        if out:
+            lines[end + 1 : end + 1] = ["", f"```{OUTPUT_INFO}", *out.split("\n"), "```"]
+    page.write_text("\n".join(lines))
 
 
 def test_skip_marker_is_rare() -> None:
@@ -324,3 +393,10 @@ def test_page_scan_sees_external_assets_and_raw_text() -> None:
     assert all(_EXTERNAL.match(u) for u in scan.scripts + scan.stylesheets)
     assert not _EXTERNAL.match("../assets/javascripts/bundle.js")
     assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == ["\\(", ":class:`"]
+
+
+if __name__ == "__main__":
+    # python tests/test_docs.py docs/tutorials/unet2d.md ...: write the pages' output blocks
+    for arg in sys.argv[1:]:
+        update_outputs(Path(arg).resolve())
+        print(f"updated the output blocks of {arg}")
