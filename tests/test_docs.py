@@ -281,14 +281,23 @@ def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Pat
     spec = importlib.util.spec_from_file_location("results_hook", DOCS / "_ext/results_hook.py")
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
-    table = "# Speed\n\n```\n# not a heading\n```\n| a |\n|---|\n| 1 |\n"
+    table = "\n".join([
+        "# Speed", "", "Written on 2026-11-26 by `run --a 1-2`.", "## Per size", "",
+        "```", "# not a heading", "x +- y 1-2", "```",
+        "| a | range |", "|---|---|", "| 0.25 +- 0.04 | 2067-3715 |", "",
+        "Targets (ratios from this run):", "", "- `t_over_u`: 1.4", "- `v`: 2", "",
+        "Targets: time ratio <= 1.15.", "after -- the end",
+    ])
     (tmp_path / "speed.md").write_text(table)
     page = (
         "Intro\n<!-- result: speed.md | python3 run.py bench speed -->\n"
         "<!-- result: missing.md | python3 run.py bench missing -->\nEnd"
     )
     out = hook.include_results(page, tmp_path)
-    assert "### Speed" in out and "\n# not a heading\n" in out and "| 1 |" in out
+    assert "**Speed**" in out and "\n### Per size\n" in out and "\n# not a heading\n" in out
+    assert "| 0.25 ± 0.04 | 2067–3715 |" in out and "x +- y 1-2" in out  # not in code
+    assert "2026-11-26" in out and "`run --a 1-2`" in out
+    assert "Targets" not in out and "t_over_u" not in out and "after — the end" in out
     assert "`docs/results/missing.md` does not exist" in out
     assert "`python3 run.py bench missing`" in out and "<!--" not in out
 
@@ -304,6 +313,7 @@ class _PageScan(HTMLParser):
         super().__init__()
         self.scripts: list[str] = []
         self.stylesheets: list[str] = []
+        self.images: list[str] = []
         self.text: list[str] = []
         self.math = 0
         self._stack: list[bool] = []  # per open element: does it hide its text from the check
@@ -312,6 +322,8 @@ class _PageScan(HTMLParser):
         a = {k: v or "" for k, v in attrs}
         if tag == "script" and a.get("src"):
             self.scripts.append(a["src"])
+        if tag == "img" and a.get("src"):
+            self.images.append(a["src"])
         if tag == "link" and "stylesheet" in a.get("rel", "").split():
             self.stylesheets.append(a.get("href", ""))
         if tag in self._VOID:
@@ -354,14 +366,19 @@ _RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`")
 def test_site_loads_nothing_from_the_network(built_site: Path) -> None:
     pages = _built_pages(built_site)
     assert len(pages) >= 10
-    external = []
+    external, missing = [], []
     for page in pages:
         scan = _PageScan()
         scan.feed(page.read_text())
         external += [f"{page.relative_to(built_site)}: {url}"
-                     for url in scan.scripts + scan.stylesheets if _EXTERNAL.match(url)]
-    assert not external, "pages load scripts or stylesheets from the network:\n" + "\n".join(
-        external)
+                     for url in scan.scripts + scan.stylesheets + scan.images
+                     if _EXTERNAL.match(url)]
+        missing += [f"{page.relative_to(built_site)}: {url}" for url in scan.images
+                    if not _EXTERNAL.match(url) and not (page.parent / url).resolve().is_file()]
+    assert not external, "pages load scripts, stylesheets or images from the network:\n" + (
+        "\n".join(external))
+    assert not missing, "images missing from the site (run the command that draws them):\n" + (
+        "\n".join(missing))
     # the math renderer is part of the site, fonts included
     mathjax = built_site / "javascripts/mathjax"
     assert (mathjax / "tex-chtml.js").stat().st_size > 100_000
