@@ -271,6 +271,8 @@ def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
     assert "| name | what |\n|---|---|\n| x | first |\n| y | second |" in out
     assert "Usage:\n\n```python\nf(x)\n```" in out
     assert "Examples:\n    >>> 1" in out
+    with pytest.raises(ValueError, match="splits into 3 cells"):
+        extension._rewrite("===  ===\na    b\n===  ===\nx  y  z\n===  ===", package, loader)
     unlisted = ext.RstDocstrings(link_modules=["ctxpred.heads"])
     assert unlisted._rewrite(":func:`neighbors`", package["neighborhoods"], loader) == (
         "`neighbors`"

@@ -11,7 +11,9 @@ docstrings are parsed) this extension rewrites, without touching the source file
   ``link_modules`` (pages that render all its public members), otherwise inline code, so a
   reference can never break ``mkdocs build --strict``;
 * a lone ``Example:`` heading   -> ``Examples:`` so doctest lines become highlighted code;
-* RST "simple tables" (columns framed by ``=====  =====`` rules) -> Markdown pipe tables;
+* RST "simple tables" (columns framed by ``=====  =====`` rules; cells separated by 2+ spaces)
+  -> Markdown pipe tables (a row that does not split into its columns fails the build); tables
+  belong on the docs pages, this is for the few a docstring keeps;
 * a literal block introduced by ``::`` -> a fenced ``python`` code block.
 
 Configured in ``mkdocs.yml`` under the python handler's ``extensions`` option.
@@ -34,23 +36,19 @@ def _indent_of(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
-def _cells(line: str, spans: list[tuple[int, int]]) -> list[str]:
-    """Split a row of a simple table into its cells.
+def _cells(line: str, columns: int) -> list[str]:
+    """Split a row of a simple table into its cells, separated by runs of 2+ spaces.
 
-    Cells are separated by runs of 2+ spaces when that gives one cell per column (tolerates a
-    cell that overflows its rule); otherwise the row is cut at the column starts of the rule.
+    A cell may overflow its rule (e.g. a long role), but it may not contain 2+ spaces in a row:
+    such a row raises, so that a table never renders with its cells shifted.
     """
     parts = re.split(r"\s{2,}", line.strip())
-    if len(parts) == len(spans):
-        return [part.replace("|", "\\|") for part in parts]
-    bounds: list[int | None] = [start for start, _ in spans[1:]]
-    bounds.append(None)
-    row, prev = [], spans[0][0]
-    for bound in bounds:
-        row.append(line[prev:bound].strip().replace("|", "\\|"))
-        if bound is not None:
-            prev = bound
-    return row
+    if len(parts) != columns:
+        raise ValueError(
+            f"RST simple table row {line.strip()!r} splits into {len(parts)} cells at runs of 2+ "
+            f"spaces, expected {columns}: keep single spaces inside a cell"
+        )
+    return [part.replace("|", "\\|") for part in parts]
 
 
 def _simple_tables(text: str) -> str:
@@ -76,8 +74,8 @@ def _simple_tables(text: str) -> str:
             i += 1
             continue
         indent = rule[: _indent_of(rule)]
-        header = _cells(lines[rules[0] + 1], spans)
-        body = [_cells(line, spans) for line in lines[rules[1] + 1 : rules[2]] if line.strip()]
+        header = _cells(lines[rules[0] + 1], len(spans))
+        body = [_cells(line, len(spans)) for line in lines[rules[1] + 1 : rules[2]] if line.strip()]
         out.append("")
         out.append(indent + "| " + " | ".join(header) + " |")
         out.append(indent + "|" + "---|" * len(header))
