@@ -1,8 +1,9 @@
-"""Draw the docs' explanatory figure: a point, its multi-stride neighborhood, predicted samples.
+"""Draw the docs' explanatory figures: the pipeline, and a point with its neighborhood and samples.
 
-    python docs/draw_figures.py            # writes docs/assets/neighborhood.png (a few seconds)
+    python docs/draw_figures.py     # writes docs/assets/pipeline.png and neighborhood.png (seconds)
 
-The figure is computed with ctxpred itself, not drawn by hand. Left: a small synthetic RGB image,
+``pipeline.png`` shows where ctxpred sits in a training step. ``neighborhood.png`` is computed with
+ctxpred itself, not drawn by hand. Left: a small synthetic RGB image,
 one query point and its neighbors at strides 1, 2, 3 (``PixelNeighborhood``, 8 per stride).
 Right: the same neighbors as points in colour space (red, green), next to the samples that a
 ``GaussianSamplingHead`` predicts for that point after it was fitted to them with the exact
@@ -15,6 +16,7 @@ import argparse
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -100,13 +102,69 @@ def draw(out: Path) -> None:
     plt.close(fig)
 
 
+def _box(ax: plt.Axes, xy: tuple[float, float], text: str, color: str, width: float = 2.3,
+         height: float = 0.9) -> None:
+    x, y = xy
+    ax.add_patch(matplotlib.patches.FancyBboxPatch(
+        (x - width / 2, y - height / 2), width, height,
+        boxstyle="round,pad=0.05,rounding_size=0.12", facecolor=color, edgecolor="#444444",
+        linewidth=1.2))
+    ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+
+def _arrow(ax: plt.Axes, start: tuple[float, float], end: tuple[float, float],
+           label: str = "", dashed: bool = False) -> None:
+    ax.annotate("", xy=end, xytext=start, arrowprops={
+        "arrowstyle": "-|>", "color": "#444444", "lw": 1.3,
+        "linestyle": "--" if dashed else "-", "shrinkA": 0, "shrinkB": 0})
+    if label:
+        mid = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
+        vertical = start[0] == end[0]
+        ax.text(mid[0] + (0.1 if vertical else 0), mid[1] + (0 if vertical else 0.12), label,
+                ha="left" if vertical else "center", va="center" if vertical else "bottom",
+                fontsize=7.5, color="#333333")
+
+
+def draw_pipeline(out: Path) -> None:
+    """The training step with context prediction: model, hook, head, neighborhood, estimator."""
+    model, ctx, data = "#dbe9f6", "#fde3c8", "#e3f1dc"
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
+    ax.set(xlim=(0, 13.2), ylim=(0, 4.6))
+    ax.axis("off")
+    _box(ax, (1.2, 3.6), "noisy input $x_t$", data, width=1.9)
+    _box(ax, (4.4, 3.6), "your denoiser\n(UNet, DiT, ...)", model)
+    _box(ax, (8.0, 3.6), "point-wise loss\n$L_\\mathrm{point}$", model)
+    _box(ax, (4.4, 1.9), "hooked layer $l$\nfeatures $(B, C, H, W)$", model)
+    _box(ax, (8.0, 1.9), "head: $Q$ samples per\npoint and stride", ctx)
+    _box(ax, (1.2, 0.5), "clean signal $x_0$", data, width=1.9)
+    _box(ax, (4.4, 0.5), "neighborhood:\nstrides 1, 2, 3 + mask", ctx)
+    _box(ax, (11.6, 1.2), "Wasserstein\nestimator $\\to L_\\mathrm{ctx}$", ctx, width=2.6)
+    _box(ax, (11.6, 3.6), "$L_\\mathrm{point} + \\lambda L_\\mathrm{ctx}$", "#f2f2f2", width=2.6)
+    _arrow(ax, (2.15, 3.6), (3.25, 3.6))
+    _arrow(ax, (5.55, 3.6), (6.85, 3.6), "prediction")
+    _arrow(ax, (4.4, 3.15), (4.4, 2.35), "forward hook")
+    _arrow(ax, (5.55, 1.9), (6.85, 1.9), "$P$ query points")
+    _arrow(ax, (2.15, 0.5), (3.25, 0.5))
+    _arrow(ax, (9.15, 1.75), (10.3, 1.4), "$(B, P, S, Q, C)$")
+    _arrow(ax, (5.55, 0.5), (10.3, 1.0), "$(B, P, K, C)$")
+    _arrow(ax, (9.15, 3.6), (10.3, 3.6))
+    _arrow(ax, (11.6, 1.65), (11.6, 3.15))
+    ax.text(8.0, 2.55, "training only: the head and the hook are removed for sampling",
+            ha="center", fontsize=8, style="italic", color="#8a4b08")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).resolve().parent / "assets" / "neighborhood.png")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "assets",
+                        help="output folder")
     args = parser.parse_args(argv)
-    draw(args.out)
-    print(f"wrote {args.out}")
+    draw_pipeline(args.out / "pipeline.png")
+    draw(args.out / "neighborhood.png")
+    print(f"wrote {args.out / 'pipeline.png'} and {args.out / 'neighborhood.png'}")
     return 0
 
 
