@@ -148,7 +148,7 @@ def test_page_code_runs(page: Path) -> None:
     for line, shown in output_blocks(page.read_text()).items():
         assert printed.get(line, "").strip() == shown.strip(), (
             f"{page.relative_to(ROOT)} line {line}: the output block differs from what the code "
-            f"prints; rerun `python tests/test_docs.py {page.relative_to(ROOT)}`.\n"
+            f"prints; rerun `python -m tests.test_docs {page.relative_to(ROOT)}`.\n"
             f"printed:\n{printed.get(line, '')}\nshown:\n{shown}"
         )
 
@@ -415,7 +415,8 @@ def test_page_scan_sees_external_assets_and_raw_text() -> None:
 
 
 if __name__ == "__main__":
-    # python tests/test_docs.py docs/tutorials/unet2d.md ...: write the pages' output blocks
+    # from the repository root (so that its ctxpred is imported, not an installed one):
+    # python -m tests.test_docs docs/tutorials/unet2d.md ...  writes the pages' output blocks
     for arg in sys.argv[1:]:
         update_outputs(Path(arg).resolve())
         print(f"updated the output blocks of {arg}")
