@@ -124,32 +124,37 @@ def available_estimators() -> tuple[str, ...]:
 
 
 def register_estimator(
-    name: str, fn: Callable[..., Tensor], *, overwrite: bool = False
-) -> Callable[..., Tensor]:
+    name: str, fn: Callable[..., Tensor] | None = None, *, overwrite: bool = False
+) -> Any:
     r"""Register ``fn`` as estimator ``name`` for :func:`wasserstein` and the loss.
 
     ``fn(x, y, x_weights, y_weights, **options) -> values`` follows the contract of the module
     docstring: ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` or
-    ``None``, one value per problem ``(...)``; it receives ``p`` only when the caller passes it,
-    and the loss passes ``check_finite=False`` when ``fn`` accepts it (or ``**options``).
-    Returns ``fn``, so it works as a decorator factory's target.
+    ``None``, one value per problem ``(...)``. It receives ``p`` only when the caller passes it,
+    and the loss passes ``check_finite=False`` when ``fn`` takes that option (or ``**options``).
+    Without ``fn``, returns a decorator.
 
     Args:
         name: the new name (a built-in name cannot be replaced).
-        fn: the estimator function.
+        fn: the estimator function (``None``: use as ``@register_estimator(name)``).
         overwrite: replace an earlier registration of ``name``.
+
+    Returns:
+        ``fn`` (or the decorator).
 
     Example:
         >>> import torch
-        >>> def mean_gap(x, y, x_weights=None, y_weights=None, **options):
+        >>> @register_estimator("mean_gap_doc")
+        ... def mean_gap(x, y, x_weights=None, y_weights=None, **options):
         ...     return (x.mean(-2) - y.mean(-2)).square().sum(-1)
-        >>> _ = register_estimator("mean_gap_doc", mean_gap)
         >>> wasserstein(torch.ones(2, 4, 3), torch.zeros(2, 5, 3), method="mean_gap_doc")
         tensor([3., 3.])
         >>> unregister_estimator("mean_gap_doc")
     """
     if not isinstance(name, str) or not name:
         raise ValueRangeError(f"estimator name must be a non-empty str, got {name!r}")
+    if fn is None:
+        return lambda f: register_estimator(name, f, overwrite=overwrite)
     if not callable(fn):
         raise ValueRangeError(f"estimator {name!r} must be callable, got {type(fn).__name__}")
     if name in _BUILTIN:
