@@ -245,3 +245,21 @@ def test_compile_fullgraph():
     out = fn(x)
     ref = F.neighbors(x, strides=(1, 2, 3))
     assert torch.equal(out.values, ref.values) and torch.equal(out.mask, ref.mask)
+
+
+def test_offsets_are_built_once_per_grid_and_device(monkeypatch):
+    """The offsets and grid constants live on the device after the first call: later calls
+    build nothing on the host and copy nothing to the device."""
+    from ctxpred import neighborhoods
+
+    x = torch.randn(1, 2, 7, 5)
+    first = F.neighbors(x, strides=(1, 3))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("neighbor offsets rebuilt on the host")
+
+    monkeypatch.setattr(neighborhoods, "neighbor_offsets", fail)
+    again = F.neighbors(x, strides=(1, 3), points=torch.tensor([0, 34]))
+    assert torch.equal(again.values, first.values[:, [0, 34]])
+    with pytest.raises(AssertionError, match="rebuilt"):
+        F.neighbors(x, strides=(1, 2))  # another stride set: a new entry

@@ -170,15 +170,24 @@ class ContextHead(nn.Module):
         check_floating(z, "z")
         lay = _layout.describe(z, name=f"{type(self).__name__} input", rank3="tokens",
                                ranks=(4, 5))
-        if self.in_channels is not None and lay.channels != self.in_channels:
-            raise ShapeError(
-                f"{type(self).__name__} expects C_in={self.in_channels} input channels, got "
-                f"{lay.channels} (input shape {tuple(z.shape)}); the layer's channel "
-                f"count and the head's in_channels must match"
-            )
+        self.check_in_channels(lay.channels, f"input shape {tuple(z.shape)}")
         if self.in_channels is None:
             self.in_channels = lay.channels
         return _layout.to_points(z, lay)
+
+    def check_in_channels(self, channels: int, source: str) -> None:
+        """Raise :class:`~ctxpred.errors.ShapeError` unless ``channels`` equals ``in_channels``
+        (no check while a lazy head has not seen an input); ``source`` names the input.
+
+        The one check of the input channel count: :meth:`points` and :func:`ctxpred.attach`
+        (at capture time, naming the layer) both call it.
+        """
+        if self.in_channels is not None and channels != self.in_channels:
+            raise ShapeError(
+                f"{type(self).__name__} expects C_in={self.in_channels} input channels, got "
+                f"{channels} ({source}); the layer's channel count and the head's "
+                f"in_channels={self.in_channels} must match"
+            )
 
     _points = points  # the 0.1 name, kept for subclasses written against it
 

@@ -97,11 +97,12 @@ def categorical_divergence(
         if prediction.samples is not None:
             est = resolve_estimator(estimator) if estimator is None or isinstance(
                 estimator, str) else estimator
-            samples = match_strides(prediction.samples.float(), num_strides,
+            samples = match_strides(_core(prediction.samples), num_strides,
                                     "the categorical head")
-            target = (F.one_hot(ids, vocab).float() if codebook is None
-                      else codebook.float()[ids])
-            return est(samples, target, _sample_weights(samples, mask, match_mask), weight)
+            target = (F.one_hot(ids, vocab) if codebook is None else codebook[ids])
+            target = target.to(samples.dtype)
+            return est(samples, target, _sample_weights(samples, mask, match_mask),
+                       weight.to(samples.dtype))
         if codebook is not None:
             raise ValueRangeError(
                 "a codebook needs the sampling mode (samples=...): the estimators do not "
@@ -210,11 +211,13 @@ class CategoricalHead(ContextHead):
         exponential = torch.empty(shape, device=device, dtype=torch.float32)
         exponential = exponential.exponential_(generator=generator).to(logits.device)
         gumbel = -exponential.clamp_min(torch.finfo(torch.float32).tiny).log()
-        soft = torch.softmax((logits.float().unsqueeze(-2) + gumbel) / self.temperature, dim=-1)
+        core = _core(logits)  # float32, or float64 for float64 inputs
+        soft = torch.softmax((core.unsqueeze(-2) + gumbel.to(core.dtype)) / self.temperature,
+                             dim=-1)
         if self.hard:
             hard = nn.functional.one_hot(soft.argmax(-1), self.num_classes).to(soft.dtype)
             soft = hard - soft.detach() + soft
-        samples = soft if self.codebook is None else soft @ self.codebook.float()
+        samples = soft if self.codebook is None else soft @ self.codebook.to(soft.dtype)
         return CategoricalPrediction(logits, samples, self.codebook)
 
     def divergence(
