@@ -301,7 +301,7 @@ def _extract(
     mask = valid if valid.dim() == 3 else valid.unsqueeze(0).expand(batch, *valid.shape)
     m = mask.unsqueeze(-1) if values.dim() == 4 else mask
     values = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    # stride-major slots K = S * K_s -> (S, K_s): a view, no copy
+    # stride-major slots (B, P, S * K_s[, C]) -> (B, P, S, K_s[, C]): a view, no copy
     split = (len(strides), mask.shape[-1] // len(strides))
     return Neighbors(values.unflatten(2, split), mask.unflatten(2, split), pts, strides)
 

@@ -203,6 +203,7 @@ class CategoricalHead(ContextHead):
 
     def forward(self, z: Tensor, generator: torch.Generator | None = None) -> CategoricalPrediction:
         """Logits, and Gumbel-softmax samples in sampling mode; ``generator`` seeds the noise."""
+        # (B, P, S * V) -> (B, P, S, V)
         logits = self.proj(self.points(z)).unflatten(-1, (self.num_strides, self.num_classes))
         if self.num_samples is None:
             return CategoricalPrediction(logits, None, self.codebook)

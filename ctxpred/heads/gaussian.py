@@ -143,6 +143,7 @@ class GaussianSamplingHead(ContextHead):
         """``(mu, log_sigma)``, each ``(B, P, S, latent_dim)``; ``log_sigma`` is clamped to
         :attr:`log_sigma_range` so that ``exp`` stays finite in low precision."""
         points = self.points(z)
+        # (B, P, S * 2 * latent) -> (B, P, S, 2, latent): (mu, log_sigma) per stride
         stats = self.encoder(points).unflatten(-1, (self.num_strides, 2, self.latent_dim))
         mu, log_sigma = stats.unbind(-2)
         return mu, log_sigma.clamp(*self.log_sigma_range)

@@ -140,6 +140,7 @@ class MomentHead(ContextHead):
     def forward(self, z: Tensor, generator: torch.Generator | None = None) -> MomentPrediction:
         """Mean, log-variance and low-rank factor of each point's neighborhood
         (deterministic: ``generator`` unused)."""
+        # (B, P, S * C * (2 + R)) -> (B, P, S, C, 2 + R): mean, log-variance, R factor columns
         out = self.proj(self.points(z)).unflatten(
             -1, (self.num_strides, self.out_channels, 2 + self.rank)
         )

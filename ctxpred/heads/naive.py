@@ -104,6 +104,7 @@ class NaiveHead(ContextHead):
     def forward(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-slot predictions ``(B, P, S, K_s, C_out)`` (deterministic: ``generator`` unused)."""
         out = self.proj(self.points(z))
+        # (B, P, S * K_s * C) -> (B, P, S, K_s, C)
         return out.unflatten(-1, (self.num_strides, self.num_slots, self.out_channels))
 
     def divergence(
