@@ -166,3 +166,45 @@ def test_custom_head_and_estimator_train_through_attach(registered):
         assert last < 0.5 * first, (layer, first, last)
     assert all(p.grad is not None for p in predictor.heads.parameters())
     predictor.remove()
+
+
+def test_estimator_modules_share_one_base_and_a_new_one_plugs_in():
+    from ctxpred.wasserstein import (
+        EstimatorModule,
+        ExactWasserstein,
+        GaussianWasserstein,
+        SinkhornWasserstein,
+        SlicedWasserstein,
+        wasserstein,
+    )
+
+    x, y = torch.randn(3, 6, 2), torch.randn(3, 6, 2)
+    for module, method, options in [
+        (ExactWasserstein(p=1), "exact", {"p": 1}),
+        (SinkhornWasserstein(iterations=7, debias=True), "sinkhorn",
+         {"iterations": 7, "debias": True}),
+        (SlicedWasserstein(num_projections=5, seed=3), "sliced", {"num_projections": 5, "seed": 3}),
+        (GaussianWasserstein(covariance="diag"), "gaussian", {"covariance": "diag"}),
+    ]:
+        assert isinstance(module, EstimatorModule)
+        torch.testing.assert_close(module(x, y), wasserstein(x, y, method=method, **options))
+        assert all(f"{k}={v!r}" in repr(module) for k, v in options.items())
+    module = ExactWasserstein()
+    module.p = 1  # options are read at call time
+    torch.testing.assert_close(module(x, y), wasserstein(x, y, method="exact", p=1))
+
+    class Hungarian(EstimatorModule):
+        function = staticmethod(hungarian_loop)
+
+        def __init__(self, scale=1.0):
+            super().__init__(scale=scale)
+
+    loss_fn = ctxpred.ContextPredictionLoss(
+        ctxpred.PixelNeighborhood(), ctxpred.GaussianSamplingHead(3, 8, num_samples=8),
+        Hungarian(scale=3.0), match_mask=True)
+    exact = ctxpred.ContextPredictionLoss(
+        ctxpred.PixelNeighborhood(), loss_fn.head, "exact", match_mask=True)
+    features, target = torch.randn(1, 8, 3, 3), torch.randn(1, 3, 3, 3)
+    torch.testing.assert_close(
+        loss_fn(features, target, generator=torch.Generator().manual_seed(0)),
+        3.0 * exact(features, target, generator=torch.Generator().manual_seed(0)))

@@ -8,16 +8,10 @@ autocast, float64 for float64 inputs). The cost is :math:`\|x - y\|^p` (squared 
 ``p=2``), so the exact value is :math:`W_p^p`. A problem with zero total weight on a side is
 *empty*: value 0, zero gradient, never NaN.
 
-=================  =====================================================================
-method             what it computes
-=================  =====================================================================
-``"exact"``        :func:`exact_wasserstein`: the optimum (batched Hungarian on the device)
-``"sinkhorn"``     :func:`sinkhorn_wasserstein`: entropic OT, fixed budget, envelope gradient
-``"sliced"``       :func:`sliced_wasserstein`: mean of exact 1-D costs over random directions
-``"gaussian"``     :func:`gaussian_wasserstein`: closed form between moment-matched Gaussians
-``"pot"``          :func:`pot_wasserstein`: POT ``ot.emd2`` per problem (optional extra)
-``"geomloss"``     :func:`geomloss_wasserstein`: geomloss ``SamplesLoss`` (optional extra)
-=================  =====================================================================
+Built-in methods: ``"exact"`` (:func:`exact_wasserstein`), ``"sinkhorn"``
+(:func:`sinkhorn_wasserstein`), ``"sliced"`` (:func:`sliced_wasserstein`), ``"gaussian"``
+(:func:`gaussian_wasserstein`), ``"pot"`` (:func:`pot_wasserstein`) and ``"geomloss"``
+(:func:`geomloss_wasserstein`); the API page compares what each computes.
 
 Estimators live in one registry (:data:`ESTIMATORS` view, :func:`available_estimators`). Add your
 own with :func:`register_estimator`; then ``wasserstein(..., method=name)`` and
@@ -40,6 +34,7 @@ from torch import Tensor, nn
 
 from ctxpred.errors import ValueRangeError
 from ctxpred.wasserstein.adapters import geomloss_wasserstein, pot_wasserstein
+from ctxpred.wasserstein.base import EstimatorModule
 from ctxpred.wasserstein.exact import ExactWasserstein, assignment, exact_wasserstein
 from ctxpred.wasserstein.gaussian import (
     GaussianWasserstein,
@@ -55,6 +50,7 @@ __all__ = [
     "ESTIMATORS",
     "LOSS_ESTIMATOR",
     "Estimator",
+    "EstimatorModule",
     "EstimatorSpec",
     "ExactWasserstein",
     "GaussianWasserstein",
