@@ -455,3 +455,29 @@ def test_match_mask_keeps_one_sample_per_valid_neighbor():
     feats = torch.randn(2, 8, 4, 4, requires_grad=True)
     loss_fn(feats, torch.randn(2, 3, 4, 4)).backward()
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
+
+
+def test_default_estimators_are_read_from_one_place(monkeypatch):
+    """wasserstein() defaults to DEFAULT_ESTIMATOR, the loss and divergences to LOSS_ESTIMATOR:
+    flipping a constant flips every default (read at call / construction time)."""
+    from ctxpred import wasserstein as W
+
+    assert (W.DEFAULT_ESTIMATOR, W.LOSS_ESTIMATOR) == ("exact", "sinkhorn")
+    assert _pixel_loss().estimator == "sinkhorn"
+    calls = []
+
+    def spy(x, y, xw=None, yw=None, **options):
+        calls.append(options)
+        return x.sum((-1, -2)) * 0
+    W.register_estimator("spy_default", spy)
+    try:
+        monkeypatch.setattr(W, "LOSS_ESTIMATOR", "spy_default")
+        assert _pixel_loss().estimator == "spy_default"
+        values = torch.randn(1, 2, 1, 8, 3)
+        sample_divergence(values, values, torch.ones(1, 2, 1, 8, dtype=torch.bool))
+        assert calls == [{"check_finite": False}]
+        monkeypatch.setattr(W, "DEFAULT_ESTIMATOR", "spy_default")
+        W.wasserstein(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1))
+        assert calls[-1] == {}
+    finally:
+        W.unregister_estimator("spy_default")
