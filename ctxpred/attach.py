@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctxpred.errors import CtxpredError, ShapeError, ValueRangeError
+from ctxpred.errors import CtxpredError, ValueRangeError
 from ctxpred.loss import ContextPredictionLoss
 
 __all__ = ["CaptureError", "ContextPredictor", "ModelWithHeads", "attach"]
@@ -192,16 +192,11 @@ class ContextPredictor:
             return
         features = _select(output, self._selectors.get(name), name)
         loss = self.loss_modules[name]
-        expected = loss.head.in_channels
-        if expected is not None and features.dim() >= 3:
-            _, token_grid = loss.layer_grid(features)
-            channels = features.shape[-1] if token_grid is not None else features.shape[1]
-            if channels != expected:
-                raise ShapeError(
-                    f"layer {name!r} outputs {channels} channels (shape "
-                    f"{tuple(features.shape)}) but its {type(loss.head).__name__} expects "
-                    f"in_channels={expected}"
-                )
+        if loss.head.in_channels is not None and features.dim() >= 3:  # fail at the forward
+            channels = loss.layout(features).channels
+            loss.head.check_in_channels(
+                channels, f"layer {name!r} outputs {channels} channels, shape "
+                f"{tuple(features.shape)}")
         self._captured[name] = features
 
     @property

@@ -36,7 +36,7 @@ import functools
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ctxpred.errors import ValueRangeError
 from ctxpred.wasserstein._validate import (
@@ -48,6 +48,7 @@ from ctxpred.wasserstein._validate import (
     restore,
     segment_cost,
 )
+from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["ExactWasserstein", "assignment", "exact_wasserstein"]
 
@@ -476,7 +477,7 @@ def exact_wasserstein(
     return restore(values, prep)
 
 
-class ExactWasserstein(nn.Module):
+class ExactWasserstein(EstimatorModule):
     r"""Module form of :func:`exact_wasserstein` (no parameters).
 
     Shape:
@@ -490,21 +491,7 @@ class ExactWasserstein(nn.Module):
         tensor(True)
     """
 
+    function = staticmethod(exact_wasserstein)
+
     def __init__(self, p: float = 2, solver: Solver = "auto", check_finite: bool = True) -> None:
-        super().__init__()
-        self.p, self.solver, self.check_finite = p, solver, check_finite
-
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        x_weights: Tensor | None = None,
-        y_weights: Tensor | None = None,
-    ) -> Tensor:
-        return exact_wasserstein(
-            x, y, x_weights, y_weights, p=self.p, solver=self.solver,
-            check_finite=self.check_finite,
-        )
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, solver={self.solver!r}"
+        super().__init__(p=p, solver=solver, check_finite=check_finite)

@@ -20,10 +20,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError, check_floating
 from ctxpred.wasserstein._validate import float32_core, prepare, restore
+from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["GaussianWasserstein", "gaussian_w2", "gaussian_wasserstein", "sqrtm_psd"]
 
@@ -172,7 +173,7 @@ def gaussian_w2(mean_x: Tensor, cov_x: Tensor, mean_y: Tensor, cov_y: Tensor) ->
     return values.to(out_dtype)
 
 
-class GaussianWasserstein(nn.Module):
+class GaussianWasserstein(EstimatorModule):
     r"""Module form of :func:`gaussian_wasserstein` (no parameters).
 
     Shape:
@@ -186,21 +187,7 @@ class GaussianWasserstein(nn.Module):
         tensor(True)
     """
 
+    function = staticmethod(gaussian_wasserstein)
+
     def __init__(self, covariance: Covariance = "full", check_finite: bool = True) -> None:
-        super().__init__()
-        self.covariance, self.check_finite = covariance, check_finite
-
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        x_weights: Tensor | None = None,
-        y_weights: Tensor | None = None,
-    ) -> Tensor:
-        return gaussian_wasserstein(
-            x, y, x_weights, y_weights, covariance=self.covariance,
-            check_finite=self.check_finite,
-        )
-
-    def extra_repr(self) -> str:
-        return f"covariance={self.covariance!r}"
+        super().__init__(covariance=covariance, check_finite=check_finite)

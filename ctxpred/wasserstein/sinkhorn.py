@@ -37,7 +37,7 @@ defaults their estimate can be percents too high in low dimension, so give them 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ctxpred.errors import ValueRangeError
 from ctxpred.wasserstein._validate import (
@@ -47,6 +47,7 @@ from ctxpred.wasserstein._validate import (
     prepare,
     restore,
 )
+from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["SinkhornWasserstein", "sinkhorn_wasserstein"]
 
@@ -270,7 +271,7 @@ class _PlanSquaredCost(torch.autograd.Function):
         return None, None, grad_x, grad_y
 
 
-class SinkhornWasserstein(nn.Module):
+class SinkhornWasserstein(EstimatorModule):
     r"""Module form of :func:`sinkhorn_wasserstein` (no parameters).
 
     Shape:
@@ -285,6 +286,8 @@ class SinkhornWasserstein(nn.Module):
         tensor(True)
     """
 
+    function = staticmethod(sinkhorn_wasserstein)
+
     def __init__(
         self,
         p: float = 2,
@@ -296,30 +299,7 @@ class SinkhornWasserstein(nn.Module):
         debias: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.p, self.blur, self.relative_blur = p, blur, relative_blur
-        self.scaling, self.iterations, self.debias = scaling, iterations, debias
-        self.overrelaxation = overrelaxation
-        self.check_finite = check_finite
-
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        x_weights: Tensor | None = None,
-        y_weights: Tensor | None = None,
-    ) -> Tensor:
-        return sinkhorn_wasserstein(
-            x, y, x_weights, y_weights, p=self.p, blur=self.blur,
-            relative_blur=self.relative_blur, scaling=self.scaling,
-            iterations=self.iterations, overrelaxation=self.overrelaxation, debias=self.debias,
-            check_finite=self.check_finite,
+        super().__init__(
+            p=p, blur=blur, relative_blur=relative_blur, scaling=scaling, iterations=iterations,
+            overrelaxation=overrelaxation, debias=debias, check_finite=check_finite,
         )
-
-    def extra_repr(self) -> str:
-        return (
-            f"p={self.p}, blur={self.blur}, relative_blur={self.relative_blur}, "
-            f"scaling={self.scaling}, iterations={self.iterations}, "
-            f"overrelaxation={self.overrelaxation}, debias={self.debias}"
-        )
-

@@ -15,10 +15,11 @@ approximation of :math:`W_p^p`. For ``D = 1`` it equals the exact 1-D value.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
 from ctxpred.wasserstein._validate import float32_core, prepare, restore
+from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["SlicedWasserstein", "random_directions", "sliced_wasserstein"]
 
@@ -145,7 +146,7 @@ def _quantile_cost(px: Tensor, py: Tensor, a: Tensor, b: Tensor, p: float) -> Te
     return (dt * _power(diff, p)).sum(-1).mean(-1)
 
 
-class SlicedWasserstein(nn.Module):
+class SlicedWasserstein(EstimatorModule):
     r"""Module form of :func:`sliced_wasserstein` (no parameters).
 
     Shape:
@@ -159,25 +160,11 @@ class SlicedWasserstein(nn.Module):
         tensor(True)
     """
 
+    function = staticmethod(sliced_wasserstein)
+
     def __init__(
         self, p: float = 2, num_projections: int = 64, seed: int | None = None,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.p, self.num_projections, self.seed = p, num_projections, seed
-        self.check_finite = check_finite
-
-    def forward(
-        self,
-        x: Tensor,
-        y: Tensor,
-        x_weights: Tensor | None = None,
-        y_weights: Tensor | None = None,
-    ) -> Tensor:
-        return sliced_wasserstein(
-            x, y, x_weights, y_weights, p=self.p, num_projections=self.num_projections,
-            seed=self.seed, check_finite=self.check_finite,
-        )
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, num_projections={self.num_projections}, seed={self.seed}"
+        super().__init__(p=p, num_projections=num_projections, seed=seed,
+                         check_finite=check_finite)
