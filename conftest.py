@@ -54,13 +54,22 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _uses_root_fixture(metafunc: pytest.Metafunc, name: str) -> bool:
+    """The test asks for ``name`` and gets this file's fixture (a test module may define its
+    own ``device`` / ``dtype`` fixture, which then wins and is left alone)."""
+    if name not in metafunc.fixturenames:
+        return False
+    definitions = metafunc._arg2fixturedefs.get(name) or ()
+    return bool(definitions) and definitions[-1].baseid == ""
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
-    if "device" in metafunc.fixturenames:
+    if _uses_root_fixture(metafunc, "device"):
         option = config.getoption("--device")
         names = _available_devices() if option == "all" else _split(option)
         metafunc.parametrize("device", names, indirect=True, ids=names)
-    if "dtype" in metafunc.fixturenames:
+    if _uses_root_fixture(metafunc, "dtype"):
         option = config.getoption("--dtype")
         names = list(_DTYPES) if option == "all" else _split(option)
         unknown = sorted(set(names) - set(_DTYPES))
