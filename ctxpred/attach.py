@@ -72,6 +72,12 @@ def _select(output: Any, selector: Selector | None, name: str) -> Tensor:
             f"selectors={{{name!r}: ...}} to attach: an index for tuples (e.g. 0), an attribute "
             f"or key name for dataclasses/dicts (e.g. 'sample'), or a callable"
         )
+    if isinstance(output, Tensor) and not callable(selector):
+        raise CaptureError(
+            f"layer {name!r} returns a Tensor {tuple(output.shape)}, but its selector "
+            f"{selector!r} would index into it (an int picks a batch element): drop the "
+            f"selector for this layer, or pass a callable"
+        )
     if callable(selector):
         picked = selector(output)
     elif isinstance(selector, int) and not isinstance(selector, bool):
@@ -280,7 +286,20 @@ class ContextPredictor:
         self._in_forward = True
         self._forwards += 1
         self._grad_at_forward = torch.is_grad_enabled()
-        self._forward_wrapped = bool(getattr(self.heads, _WRAPPED_FLAG, False))
+        self._forward_wrapped = bool(getattr(self.heads, _WRAPPED_FLAG, False)) or (
+            "ddp" not in self._warned and self._inside_ddp_with_heads())
+
+    def _inside_ddp_with_heads(self) -> bool:
+        """Whether this forward runs inside a DDP module that holds the heads (a wrapper of the
+        user's own); only looked at while torch.distributed is initialized."""
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()):
+            return False
+        active = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if active is None:
+            return False
+        first = next(self.heads.parameters(), None)
+        return first is not None and any(p is first for p in active.module.parameters())
 
     def _capture(self, name: str, output: Any) -> None:
         if not (self._armed and self._in_forward):
@@ -402,8 +421,8 @@ class ContextPredictor:
         if "optimizer" in self._warned or not torch.is_grad_enabled():
             return
         self._loss_calls += 1
-        if self._loss_calls % self.optimizer_check_interval != 1 % self.optimizer_check_interval:
-            return
+        if (self._loss_calls - 1) % self.optimizer_check_interval:
+            return  # checks at calls 1, 1 + N, 1 + 2N, ...
         params = [p for p in self.heads.parameters()
                   if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)]
         if not params:

@@ -292,6 +292,12 @@ class ContextPredictionLoss(nn.Module):
                 f"{getattr(features, 'dtype', type(features).__name__)}"
             )
         lay = self.layout(features)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueRangeError(
+                f"{self.name}: generator must be a torch.Generator or None, got "
+                f"{type(generator).__name__} {generator!r}; e.g. "
+                f"torch.Generator(device=...).manual_seed(seed)"
+            )
         _checks.check_devices(features, target if isinstance(target, Tensor) else None,
                               self.head, self.name)
         given = target is not None

@@ -690,6 +690,51 @@ def x17_optimizer_built_while_the_heads_are_lazy(device):
     assert all(not torch.equal(a, b) for a, b in zip(before, predictor.parameters()))
 
 
+def x18_int_selector_on_a_tensor_output(device):
+    model, x = net(device), images(device)
+    predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)}, selectors=0)
+    model(x)
+    predictor.loss(x)
+
+
+def x19_seed_instead_of_a_generator(device):
+    model, x = net(device), images(device)
+    predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)})
+    model(x)
+    predictor.loss(x, generator=0)
+
+
+def x20_ddp_around_a_wrapper_of_your_own(device, tmp_path):
+    # the user's own module holding model and heads, inside DDP: the heads are synced, no warning
+    import torch.distributed as dist
+
+    if device.type != "cpu":
+        pytest.skip("the gloo process group of this row runs on CPU")
+
+    class Both(nn.Module):
+        def __init__(self, model, heads):
+            super().__init__()
+            self.model, self.heads = model, heads
+
+        def forward(self, x):
+            return self.model(x)
+
+    def train():
+        model, x = net(device), images(device)
+        predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)})
+        ddp = nn.parallel.DistributedDataParallel(Both(model, predictor.heads))
+        out = ddp(x)
+        (((out - x) ** 2).mean() + predictor.loss(x)).backward()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        train()
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
 # -- the table ------------------------------------------------------------------------------------
 class Outcome(NamedTuple):
     kind: str  # "works" | "raises" | "warns"
@@ -794,6 +839,9 @@ ROWS = [
     row(x15_token_ids_outside_the_vocabulary, raises(ValueRangeError, r"\[0, 5\)")),
     row(x16_negative_token_ids, raises(ValueRangeError, r"\[0, 5\)")),
     row(x17_optimizer_built_while_the_heads_are_lazy, WORKS),
+    row(x18_int_selector_on_a_tensor_output, raises(CaptureError, r"'mid' returns a Tensor")),
+    row(x19_seed_instead_of_a_generator, raises(ValueRangeError, r"torch.Generator or None")),
+    row(x20_ddp_around_a_wrapper_of_your_own, WORKS),
 ]
 
 
