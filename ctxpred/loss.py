@@ -226,6 +226,14 @@ class ContextPredictionLoss(nn.Module):
                 f"head must be a ctxpred ContextHead (subclass ctxpred.ContextHead for your own), "
                 f"got {type(head).__name__}"
             )
+        missing = [m for m in ("forward", "divergence")
+                   if getattr(type(head), m) is getattr(ContextHead, m)]
+        if missing:
+            raise ValueRangeError(
+                f"{type(head).__name__} does not define {' and '.join(missing)}: a head "
+                f"implements forward(z, generator=None) and divergence(prediction, neighbors, "
+                f"estimator=None, *, match_mask=False) -> (B, P, S)"
+            )
         num_strides = len(strides)
         if head.num_strides not in (1, num_strides):
             raise ShapeError(

@@ -208,3 +208,14 @@ def test_estimator_modules_share_one_base_and_a_new_one_plugs_in():
     torch.testing.assert_close(
         loss_fn(features, target, generator=torch.Generator().manual_seed(0)),
         3.0 * exact(features, target, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_head_without_divergence_is_refused_when_the_loss_is_built():
+    class NoDivergence(ctxpred.ContextHead):
+        def forward(self, z, generator=None):
+            return self.points(z)
+
+    with pytest.raises(ctxpred.ValueRangeError, match="does not define divergence"):
+        ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(), NoDivergence(3, 4, 1))
+    with pytest.raises(ctxpred.ValueRangeError, match="forward and divergence"):
+        ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(), ctxpred.ContextHead(3, 4, 1))
