@@ -492,6 +492,14 @@ class ContextPredictor:
         try:
             self._check_targets(target)
             self._check_distributed()
+            if not torch.is_grad_enabled() and any(
+                    f.requires_grad for f in self._captured.values()):
+                self._warn_once(
+                    "loss-no-grad",
+                    "loss() runs with gradients disabled (torch.no_grad()) after a forward "
+                    "that tracked gradients: this context loss cannot train the model or the "
+                    "heads; call loss() outside no_grad in the training step (warned once)",
+                )
             for name, loss in self.loss_modules.items():
                 features = self._captured[name]
                 self._check_gradient_path(name, features)

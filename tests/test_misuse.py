@@ -735,6 +735,15 @@ def x20_ddp_around_a_wrapper_of_your_own(device, tmp_path):
         dist.destroy_process_group()
 
 
+def x21_loss_under_no_grad_after_a_training_forward(device):
+    model, x = net(device), images(device)
+    predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)})
+    out = model(x)
+    with torch.no_grad():
+        context = predictor.loss(x)
+    (((out - x) ** 2).mean() + context).backward()
+
+
 # -- the table ------------------------------------------------------------------------------------
 class Outcome(NamedTuple):
     kind: str  # "works" | "raises" | "warns"
@@ -842,6 +851,7 @@ ROWS = [
     row(x18_int_selector_on_a_tensor_output, raises(CaptureError, r"'mid' returns a Tensor")),
     row(x19_seed_instead_of_a_generator, raises(ValueRangeError, r"torch.Generator or None")),
     row(x20_ddp_around_a_wrapper_of_your_own, WORKS),
+    row(x21_loss_under_no_grad_after_a_training_forward, warns(r"gradients disabled")),
 ]
 
 
