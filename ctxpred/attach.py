@@ -492,13 +492,14 @@ class ContextPredictor:
         try:
             self._check_targets(target)
             self._check_distributed()
-            if not torch.is_grad_enabled() and any(
+            if not torch.is_grad_enabled() and self.model.training and any(
                     f.requires_grad for f in self._captured.values()):
                 self._warn_once(
                     "loss-no-grad",
-                    "loss() runs with gradients disabled (torch.no_grad()) after a forward "
-                    "that tracked gradients: this context loss cannot train the model or the "
-                    "heads; call loss() outside no_grad in the training step (warned once)",
+                    "loss() runs with gradients disabled (torch.no_grad()) after a training-mode "
+                    "forward that tracked gradients: this context loss cannot train the model or "
+                    "the heads; call loss() outside no_grad in the training step (or put the "
+                    "model in eval() for validation) (warned once)",
                 )
             for name, loss in self.loss_modules.items():
                 features = self._captured[name]
