@@ -264,6 +264,14 @@ def s04_ddp_wraps_the_training_module(device, tmp_path):
     _ddp_step(device, tmp_path, wrap_training_module=True)
 
 
+def s04_ddp_warning_comes_once(device, tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _ddp_step(device, tmp_path, wrap_training_module=False)  # two steps
+    hits = [w for w in record if "training_module()" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in record]
+
+
 # -- 5. heads left out of the optimizer ------------------------------------------------------------
 def _train(device, params_of, steps):
     model, x = net(device), images(device, size=4)
@@ -299,6 +307,19 @@ def s06_target_smaller_than_the_layer_grid(device):
     predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)})
     model(x)
     predictor.loss(images(device, size=4))
+
+
+def s06_upsampling_warning_comes_once(device):
+    model, x = net(device), images(device)
+    predictor = ctxpred.attach(model, {"mid": pixel_loss().to(device)})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(x)
+            predictor.loss(images(device, size=4))
+    hits = [w for w in record if "upsampled" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in record]
+    assert hits[0].filename == __file__  # points at the user's line, not into the library
 
 
 def s06_target_with_another_aspect_ratio(device):
@@ -788,12 +809,14 @@ ROWS = [
     # 4
     row(s04_ddp_wraps_only_the_model, warns(r"training_module\(\)")),
     row(s04_ddp_wraps_the_training_module, WORKS),
+    row(s04_ddp_warning_comes_once, WORKS),
     # 5
     row(s05_heads_left_out_of_the_optimizer, warns(r"heads.*optimizer")),
     row(s05_heads_left_out_warns_once, WORKS),
     row(s05_heads_in_the_optimizer, WORKS),
     # 6
     row(s06_target_smaller_than_the_layer_grid, warns(r"upsampl")),
+    row(s06_upsampling_warning_comes_once, WORKS),
     row(s06_target_with_another_aspect_ratio, raises(ShapeError, r"aspect ratio")),
     row(s06_target_downsampled_by_area, WORKS),
     # 7
