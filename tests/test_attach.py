@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import io
 import pickle
 import weakref
@@ -250,7 +251,10 @@ def test_targets_per_layer_and_feature_targets():
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 8, 8)
     pixel = ContextPredictionLoss(PixelNeighborhood(strides=(1,)), ctxpred.NaiveHead(3, 8, 8))
-    feature = ContextPredictionLoss(ctxpred.FeatureNeighborhood(strides=(1,)),
+    # raw (not standardized) feature context where the extractor offers the choice
+    raw = ({"normalize": "none"} if "normalize" in inspect.signature(
+        ctxpred.FeatureNeighborhood).parameters else {})
+    feature = ContextPredictionLoss(ctxpred.FeatureNeighborhood(strides=(1,), **raw),
                                     ctxpred.NaiveHead(8, 8, 8))
     predictor = ctxpred.attach(model, {"mid": pixel, "up": feature})
     model(x)
