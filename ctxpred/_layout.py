@@ -142,14 +142,39 @@ def describe(
 
 
 def describe_layer(
-    features: Tensor, grid_shape: Sequence[int] | None, *, name: str
+    features: Tensor, grid_shape: Sequence[int] | None, *, name: str,
+    layout: Layout | None = None,
 ) -> TensorLayout:
     """The layout of a hooked layer's output.
 
-    Tokens ``(B, L, C)`` when ``grid_shape`` is known and ``features`` has rank 3; otherwise
-    channels-first ``(B, C, *spatial)`` with 2-3 spatial dims (a rank-3 output without a grid is
-    ambiguous and raises).
+    With an explicit ``layout``: ``"channels_first"`` ``(B, C, *spatial)`` with 1-3 spatial dims
+    (``grid_shape`` ignored), or ``"tokens"`` ``(B, L, C)`` on ``grid_shape`` (``(L,)`` without
+    one). Without: tokens when ``grid_shape`` is known and ``features`` has rank 3; otherwise
+    channels-first with 2-3 spatial dims (a rank-3 output without a grid is ambiguous and
+    raises, naming both fixes).
+
+    Example:
+        >>> describe_layer(torch.zeros(2, 8, 7), None, name="loss", layout="channels_first").grid
+        (7,)
     """
+    if layout == "channels_first":
+        return describe(features, None, "channels_first", name=name)
+    if layout == "tokens":
+        return describe(features, grid_shape, "tokens", name=name)
+    if features.dim() == 3 and grid_shape is None:
+        raise ShapeError(
+            f"{name}: a rank-3 layer output {tuple(features.shape)} is ambiguous: for a 1-D "
+            f"convolution's (B, C, L) pass layout='channels_first' to the loss; for transformer "
+            f"tokens (B, L, C) pass grid_shape=(h, w) (or layout='tokens' for a 1-D sequence)"
+        )
+    if features.dim() == 3 and features.shape[1] != math.prod(tuple(grid_shape)) and (
+            features.shape[2] == math.prod(tuple(grid_shape))):
+        raise ShapeError(
+            f"{name}: the layer output {tuple(features.shape)} is not a token sequence (B, L, C) "
+            f"on grid_shape {tuple(grid_shape)} (L = {features.shape[1]}), but its last axis "
+            f"fits the grid: for a 1-D convolution's (B, C, L) pass layout='channels_first' "
+            f"instead of grid_shape"
+        )
     return describe(features, grid_shape if features.dim() == 3 else None, name=name,
                     rank3=None, ranks=(4, 5))
 

@@ -9,21 +9,33 @@
 
 Contract:
 
-* names are those of ``model.named_modules()``; a wrong name raises with the closest matches;
-* outputs are captured **without detaching**, so the context loss trains the backbone;
+* names are those of ``model.named_modules()`` (``str``, not ``''``, the model itself); a wrong
+  name raises with the closest matches; attach before ``torch.compile`` (a compiled wrapper is
+  refused, and code compiled before the hooks existed never runs them);
+* outputs are captured **without detaching**, so the context loss trains the backbone; a capture
+  that cannot carry gradient to a training model raises (a layer run under
+  ``checkpoint(..., use_reentrant=True)``) or warns once (a forward under ``no_grad``);
 * a capture is released by :meth:`ContextPredictor.loss` / :meth:`~ContextPredictor.losses`, and
   overwritten by the next forward of the model (a forward without a loss does not accumulate);
-* capturing is armed by a forward pre-hook on ``model`` itself, so the recomputation of a
-  checkpointed block during backward (``use_reentrant=False``) captures nothing;
+  a hooked module that runs twice in one forward raises;
+* capturing is armed by a forward pre-hook on ``model`` itself and closed by its forward hook, so
+  the recomputation of a checkpointed block during backward captures nothing;
+* one ``target`` tensor goes to every layer whose neighborhood needs one (pixels, latents, ids);
+  a feature-context layer takes none. A ``{layer: target}`` mapping may only name attached
+  layers;
 * :attr:`ContextPredictor.heads` holds only the heads (optimize it with the model): the model's
   ``state_dict`` is untouched, and a ``copy.deepcopy(model)`` (EMA) gets inert hooks that
-  reference no head;
+  reference no head. Heads that no optimizer steps are noticed (their parameters' version
+  counters, read every :attr:`ContextPredictor.optimizer_check_interval` training calls) and
+  warned about once. The predictor itself refuses to be copied or pickled (a copy could never
+  capture);
 * :meth:`ContextPredictor.remove` (or leaving the ``with`` block) removes every hook.
 
 With DDP, wrap :meth:`ContextPredictor.training_module` (the model and the heads in one module)
 instead of the bare model, so that the heads' gradients are averaged across ranks too; call the
-wrapper for the forward and ``predictor.loss(...)`` as usual. Every head takes part in every
-step, so ``find_unused_parameters`` can stay ``False``. Lazy heads (``in_channels=None``) must be
+wrapper for the forward and ``predictor.loss(...)`` as usual (a forward that bypasses it while
+``torch.distributed`` is initialized warns once). Every head takes part in every step, so
+``find_unused_parameters`` can stay ``False``. Lazy heads (``in_channels=None``) must be
 materialized first (:meth:`ContextPredictor.initialize`).
 """
 
@@ -38,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctxpred._checks import needs_target, warn_user
 from ctxpred.errors import CtxpredError, ValueRangeError
 from ctxpred.loss import ContextPredictionLoss
 
@@ -58,6 +71,12 @@ def _select(output: Any, selector: Selector | None, name: str) -> Tensor:
             f"layer {name!r} returned {type(output).__name__}, not a Tensor; pass "
             f"selectors={{{name!r}: ...}} to attach: an index for tuples (e.g. 0), an attribute "
             f"or key name for dataclasses/dicts (e.g. 'sample'), or a callable"
+        )
+    if isinstance(output, Tensor) and not callable(selector):
+        raise CaptureError(
+            f"layer {name!r} returns a Tensor {tuple(output.shape)}, but its selector "
+            f"{selector!r} would index into it (an int picks a batch element): drop the "
+            f"selector for this layer, or pass a callable"
         )
     if callable(selector):
         picked = selector(output)
@@ -84,10 +103,17 @@ def _select(output: Any, selector: Selector | None, name: str) -> Tensor:
     return picked
 
 
-class _Hook:
-    """Forward (pre-)hook bound weakly to its predictor; copies (deepcopy, pickle) are inert."""
+_MODEL_START, _MODEL_END = "<model forward>", "<model forward end>"
 
-    def __init__(self, predictor: ContextPredictor | None, name: str | None) -> None:
+
+class _Hook:
+    """Forward (pre-)hook bound weakly to its predictor; copies (deepcopy, pickle) are inert.
+
+    ``name`` is a layer name, or :data:`_MODEL_START` / :data:`_MODEL_END` for the model's own
+    pre- and post-hook (which arm the capture and close it).
+    """
+
+    def __init__(self, predictor: ContextPredictor | None, name: str) -> None:
         self._ref = None if predictor is None else weakref.ref(predictor)
         self.name = name
 
@@ -95,8 +121,10 @@ class _Hook:
         predictor = None if self._ref is None else self._ref()
         if predictor is None:
             return None
-        if self.name is None:
+        if self.name == _MODEL_START:
             predictor._arm()
+        elif self.name == _MODEL_END:
+            predictor._in_forward = False
         else:
             predictor._capture(self.name, output)
         return None
@@ -108,12 +136,21 @@ class _Hook:
         return (_Hook, (None, self.name))
 
 
+_WRAPPED_FLAG = "_ctxpred_forward_in_wrapper"
+
+
 class ModelWithHeads(nn.Module):
     """``model`` and ``heads`` in one module (forward = ``model``'s), e.g. to wrap in DDP.
 
     DDP synchronizes the gradients of every parameter of the module it wraps; heads outside the
     DDP module would train differently on each rank. The model's own ``state_dict`` stays clean:
-    this wrapper's keys are ``model.*`` and ``heads.*``.
+    this wrapper's keys are ``model.*`` and ``heads.*`` (a training checkpoint). Attributes the
+    wrapper does not have come from the model (``save_pretrained``, ``config``, ...), so
+    ``wrapper.save_pretrained(path)`` saves the model alone; ``wrapper.model`` is the model.
+
+    Args:
+        model: the hooked model.
+        heads: the predictor's heads (:attr:`ContextPredictor.heads`).
     """
 
     def __init__(self, model: nn.Module, heads: nn.Module) -> None:
@@ -122,7 +159,23 @@ class ModelWithHeads(nn.Module):
         self.heads = heads
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        # tells the predictor's hooks that this forward runs with the heads in one module (DDP)
+        object.__setattr__(self.heads, _WRAPPED_FLAG, True)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            object.__setattr__(self.heads, _WRAPPED_FLAG, False)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes that are not the wrapper's come from the model (``save_pretrained``,
+        ``config``, ``dtype``, ...); ``state_dict()`` and ``parameters()`` stay the wrapper's
+        (model and heads)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"model", "heads"} or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__("model"), name)
 
 
 class ContextPredictor:
@@ -135,6 +188,10 @@ class ContextPredictor:
         last_losses: detached per-layer values of the last :meth:`loss` / :meth:`losses` call.
     """
 
+    #: every this many :meth:`losses` calls with gradients on, the heads' parameters must have
+    #: changed (an optimizer step) since the previous check, else a warning (once).
+    optimizer_check_interval: int = 50
+
     def __init__(
         self,
         model: nn.Module,
@@ -143,10 +200,32 @@ class ContextPredictor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueRangeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            raise ValueRangeError(
+                "attach() got a torch.compile'd module: attach to the model before compiling "
+                "(predictor = attach(model, ...); model = torch.compile(model)); code compiled "
+                "before the hooks exist never runs them"
+            )
+        if not isinstance(losses, Mapping):
+            raise ValueRangeError(
+                f"losses must be a mapping {{layer name: ContextPredictionLoss}}, got "
+                f"{type(losses).__name__}; e.g. attach(model, {{'mid_block': loss}})"
+            )
         if not losses:
             raise ValueRangeError("losses must map at least one layer name to a loss")
         modules = dict(model.named_modules())
         for name, loss in losses.items():
+            if not isinstance(name, str):
+                raise ValueRangeError(
+                    f"layer names must be str, the names of model.named_modules(), got "
+                    f"{type(name).__name__} {name!r}"
+                )
+            if name == "":
+                raise ValueRangeError(
+                    "the name '' is the root module, the model itself: its output is the "
+                    "model's prediction, not a representation to hook; name a submodule from "
+                    "model.named_modules()"
+                )
             if name not in modules:
                 close = difflib.get_close_matches(name, [n for n in modules if n], n=5,
                                                   cutoff=0.5)
@@ -162,7 +241,7 @@ class ContextPredictor:
                 )
             loss.name = f"layer {name!r}"
         if isinstance(selectors, Mapping):
-            unknown = sorted(set(selectors) - set(losses))
+            unknown = sorted(set(selectors) - set(losses), key=str)
             if unknown:
                 raise ValueRangeError(
                     f"selectors name layers without a loss: {unknown}; layers: {list(losses)}"
@@ -178,26 +257,69 @@ class ContextPredictor:
         self.last_losses: dict[str, Tensor] = {}
         self._captured: dict[str, Tensor] = {}
         self._armed = False
-        self._handles = [model.register_forward_pre_hook(_Hook(self, None))]
+        self._in_forward = False
+        self._forwards = 0
+        self._grad_at_forward = True
+        self._forward_wrapped = False
+        self._capture_grad: dict[str, bool] = {}
+        self._warned: set[str] = set()
+        self._loss_calls = 0
+        self._head_versions: int | None = None
+        self._handles = [model.register_forward_pre_hook(_Hook(self, _MODEL_START)),
+                         model.register_forward_hook(_Hook(self, _MODEL_END))]
         for name in losses:
             self._handles.append(modules[name].register_forward_hook(_Hook(self, name)))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise CaptureError(
+            "a ContextPredictor cannot be copied or pickled: its hooks live on the original "
+            "model, so a copy would never capture. Save the heads (predictor.heads.state_dict(), "
+            "or training_module().state_dict() for model and heads) and call attach() again on "
+            "the loaded model"
+        )
 
     # -- hooks --------------------------------------------------------------------------------
     def _arm(self) -> None:
         self._captured.clear()
+        self._capture_grad.clear()
         self._armed = True
+        self._in_forward = True
+        self._forwards += 1
+        self._grad_at_forward = torch.is_grad_enabled()
+        self._forward_wrapped = bool(getattr(self.heads, _WRAPPED_FLAG, False)) or (
+            "ddp" not in self._warned and self._inside_ddp_with_heads())
+
+    def _inside_ddp_with_heads(self) -> bool:
+        """Whether this forward runs inside a DDP module that holds the heads (a wrapper of the
+        user's own); only looked at while torch.distributed is initialized."""
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()):
+            return False
+        active = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if active is None:
+            return False
+        first = next(self.heads.parameters(), None)
+        return first is not None and any(p is first for p in active.module.parameters())
 
     def _capture(self, name: str, output: Any) -> None:
-        if not self._armed:
-            return
+        if not (self._armed and self._in_forward):
+            return  # e.g. a checkpointed block recomputed during backward
+        if name in self._captured:
+            raise CaptureError(
+                f"layer {name!r} ran 2 times in one forward of the model (a module shared by "
+                f"several places, e.g. one activation module reused): its captures would "
+                f"overwrite each other; hook a module that runs once per forward"
+            )
         features = _select(output, self._selectors.get(name), name)
         loss = self.loss_modules[name]
-        if loss.head.in_channels is not None and features.dim() >= 3:  # fail at the forward
+        if (loss.head.in_channels is not None and features.dim() >= 3
+                and features.is_floating_point()):  # fail at the forward
             channels = loss.layout(features).channels
             loss.head.check_in_channels(
                 channels, f"layer {name!r} outputs {channels} channels, shape "
                 f"{tuple(features.shape)}")
         self._captured[name] = features
+        self._capture_grad[name] = torch.is_grad_enabled()
 
     @property
     def attached(self) -> bool:
@@ -212,12 +334,140 @@ class ContextPredictor:
     def release(self) -> None:
         """Drop captured outputs and stop capturing until the model's next forward."""
         self._captured.clear()
+        self._capture_grad.clear()
         self._armed = False
+
+    # -- checks -------------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warn_user(message)
+
+    def _missing_error(self, missing: list[str]) -> CaptureError:
+        head = f"no captured output for layers {missing}"
+        compiled_hint = (
+            "code compiled by torch.compile before attach() does not run hooks added later "
+            "(this includes code compiled for another instance of the same model class): "
+            "attach first, then compile, or call torch._dynamo.reset() after attach()"
+        )
+        if not self.attached:
+            return CaptureError(
+                f"{head}: the hooks were removed (predictor.remove() or the end of its with "
+                f"block); call ctxpred.attach() again to train with context prediction"
+            )
+        if self._forwards == 0:
+            return CaptureError(
+                f"{head}: no forward of the model ran through the hooks since attach(). Likely "
+                f"causes: (1) the forward ran on a copy of the model (deepcopy, EMA), whose "
+                f"hooks are inert, or on a torch.compile wrapper made before attach(): "
+                f"{compiled_hint}; (2) no forward ran yet: run the model forward before each "
+                f"loss()"
+            )
+        if self._armed and len(missing) == len(self.loss_modules):
+            return CaptureError(
+                f"{head}: the model ran but none of the hooked layers did. Likely cause: "
+                f"{compiled_hint}. Otherwise check that forward() calls these layers"
+            )
+        if self._armed:
+            return CaptureError(
+                f"{head}: these layers did not run during the model's last forward although "
+                f"the model did; check that forward() calls them (a branch not taken, a module "
+                f"defined but unused)"
+            )
+        return CaptureError(
+            f"{head}: run the model forward (with the hooks attached) before each loss(); "
+            f"captures are consumed by loss()/losses()"
+        )
+
+    def _check_gradient_path(self, name: str, features: Tensor) -> None:
+        """A capture without gradient while training: the loss would train only the head."""
+        if (features.requires_grad or not features.is_floating_point()
+                or not torch.is_grad_enabled() or not self.model.training
+                or not any(p.requires_grad for p in self.model.parameters())):
+            return
+        if self._grad_at_forward and not self._capture_grad.get(name, True):
+            raise CaptureError(
+                f"layer {name!r} ran with gradients disabled inside the model's forward (e.g. "
+                f"torch.utils.checkpoint.checkpoint(..., use_reentrant=True) around it), so "
+                f"its output carries no gradient and the context loss would train only the "
+                f"head: use checkpoint(..., use_reentrant=False) (diffusers: the default of "
+                f"enable_gradient_checkpointing() in recent versions)"
+            )
+        self._warn_once(
+            f"no-grad:{name}",
+            f"layer {name!r}: the captured output carries no gradient (forward under "
+            f"torch.no_grad()/inference_mode(), or every parameter below the layer frozen), so "
+            f"the context loss trains only the head, not the model; run the training forward "
+            f"with gradients on (warned once)",
+        )
+
+    def _check_distributed(self) -> None:
+        if "ddp" in self._warned or self._forward_wrapped:
+            return
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()):
+            return
+        self._warn_once(
+            "ddp",
+            "torch.distributed is initialized but the model's forward did not run through "
+            "predictor.training_module(): heads outside the DDP/FSDP-wrapped module are not "
+            "synchronized and drift apart across ranks; wrap "
+            "DistributedDataParallel(predictor.training_module()) instead of the bare model "
+            "(warned once)",
+        )
+
+    def _check_heads_train(self) -> None:
+        """Every ``optimizer_check_interval`` training calls: did an optimizer step the heads?"""
+        if "optimizer" in self._warned or not torch.is_grad_enabled():
+            return
+        self._loss_calls += 1
+        if (self._loss_calls - 1) % self.optimizer_check_interval:
+            return  # checks at calls 1, 1 + N, 1 + 2N, ...
+        params = [p for p in self.heads.parameters()
+                  if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter)]
+        if not params:
+            return
+        version = sum(p._version for p in params)
+        if self._head_versions is not None and version == self._head_versions:
+            self._warn_once(
+                "optimizer",
+                f"the context heads' parameters have not changed in the last "
+                f"{self.optimizer_check_interval} training calls of loss(): the heads are "
+                f"probably not in the optimizer; build it from predictor.training_module()"
+                f".parameters() (model and heads) or add predictor.parameters() (warned once)",
+            )
+        self._head_versions = version
+
+    def _check_targets(self, target: Any) -> None:
+        if isinstance(target, Mapping):
+            unknown = [key for key in target if key not in self.loss_modules]
+            if unknown:
+                names = [n for n in self.loss_modules]
+                details = []
+                for key in unknown:
+                    if isinstance(key, str) and key.replace("/", ".") in self.loss_modules:
+                        details.append(f"{key!r} (did you mean {key.replace('/', '.')!r}?)")
+                        continue
+                    close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+                    details.append(f"{key!r}" + (f" (close: {close})" if close else ""))
+                raise ValueRangeError(
+                    f"the target mapping names layers that are not attached: "
+                    f"{', '.join(details)}; attached layers: {names}"
+                )
+        elif target is not None and not any(
+                _needs_target(loss) for loss in self.loss_modules.values()):
+            raise ValueRangeError(
+                f"a target was given but every attached layer {list(self.loss_modules)} predicts "
+                f"its own features (feature context) and takes no target; call loss() without "
+                f"target, or pass {{layer: tensor}} to give a layer an explicit one"
+            )
 
     # -- losses -------------------------------------------------------------------------------
     def _target_for(self, name: str, target: Any) -> Tensor | None:
         if isinstance(target, Mapping):
             return target.get(name)
+        if not _needs_target(self.loss_modules[name]):
+            return None  # a feature-context layer: one target means the clean signal
         return target
 
     def losses(
@@ -227,31 +477,42 @@ class ContextPredictor:
     ) -> dict[str, Tensor]:
         """Per-layer weighted losses ``{name: scalar}``; releases the captured outputs.
 
-        ``target`` is one tensor for every layer, a ``{name: tensor}`` mapping, or ``None`` (each
-        layer's own features). ``generator`` (optional) drives every random choice of the step
-        (query-point subsets, the heads' sampling noise) instead of the global RNG, for
-        reproducible or resumable training.
+        ``target`` is one tensor (the clean signal, for every layer that needs a target; a
+        feature-context layer takes none), a ``{name: tensor}`` mapping (its keys must be
+        attached layers), or ``None``. ``generator`` (optional) drives every random choice of
+        the step (query-point subsets, the heads' sampling noise) instead of the global RNG,
+        for reproducible or resumable training.
         """
         missing = [name for name in self.loss_modules if name not in self._captured]
         if missing:
+            error = self._missing_error(missing)
             self.release()
-            raise CaptureError(
-                f"no captured output for layers {missing}: run the model forward (with the "
-                f"hooks attached) before each loss(); captures are consumed by loss()/losses()"
-            )
+            raise error
         out = {}
         try:
+            self._check_targets(target)
+            self._check_distributed()
+            if not torch.is_grad_enabled() and self.model.training and any(
+                    f.requires_grad for f in self._captured.values()):
+                self._warn_once(
+                    "loss-no-grad",
+                    "loss() runs with gradients disabled (torch.no_grad()) after a training-mode "
+                    "forward that tracked gradients: this context loss cannot train the model or "
+                    "the heads; call loss() outside no_grad in the training step (or put the "
+                    "model in eval() for validation) (warned once)",
+                )
             for name, loss in self.loss_modules.items():
+                features = self._captured[name]
+                self._check_gradient_path(name, features)
                 try:
-                    out[name] = loss(
-                        self._captured[name], self._target_for(name, target), generator
-                    )
+                    out[name] = loss(features, self._target_for(name, target), generator)
                 except CtxpredError as err:
                     if f"{name!r}" in str(err):
                         raise
                     raise type(err)(f"layer {name!r}: {err}") from err
         finally:
             self.release()
+        self._check_heads_train()
         self.last_losses = {name: value.detach() for name, value in out.items()}
         return out
 
@@ -311,6 +572,11 @@ class ContextPredictor:
     def __repr__(self) -> str:
         state = "attached" if self.attached else "removed"
         return f"ContextPredictor({state}, layers={list(self.loss_modules)})"
+
+
+def _needs_target(loss: ContextPredictionLoss) -> bool:
+    """Whether the loss's neighborhood reads a target (pixels, latents, ids), not the features."""
+    return needs_target(loss.neighborhood)
 
 
 def attach(

@@ -38,9 +38,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ctxpred import _layout
+from ctxpred import _checks, _layout
 from ctxpred._deprecation import deprecated_names
-from ctxpred._layout import ResizeMode
+from ctxpred._layout import Layout, ResizeMode
 from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 from ctxpred.heads.base import ContextHead
 from ctxpred.neighborhoods import Neighbors, gather_points
@@ -118,8 +118,14 @@ class ContextPredictionLoss(nn.Module):
       resized to the layer grid when its grid differs (``resize``: area/bilinear for floats,
       nearest for ids). A target in token layout (the neighborhood has a ``grid_shape``) is not
       resized: its grid must equal the layer's.
-    * Layer layout: channels-first ``(B, C, *spatial)``, or tokens ``(B, L, C)`` when
-      ``grid_shape`` (or the neighborhood's ``grid_shape``) is given.
+    * Layer layout: channels-first ``(B, C, *spatial)`` with 2-3 spatial dims, or tokens
+      ``(B, L, C)`` when ``grid_shape`` (or the neighborhood's ``grid_shape``) is given. A rank-3
+      output is ambiguous without them: ``layout="channels_first"`` reads a 1-D convolution's
+      ``(B, C, L)``, ``layout="tokens"`` a 1-D token sequence ``(B, L, C)``.
+    * The target is checked before use: its dtype (float values, or integer ids for a
+      :class:`~ctxpred.neighborhoods.TokenNeighborhood`), its layout (a missing batch axis, a
+      channels-last ``(B, H, W, C)`` tensor), its aspect ratio against the layer grid (an
+      upsampled target warns once) and, with ``check_finite``, its values.
 
     Args:
         neighborhood: a :class:`~ctxpred.neighborhoods.PixelNeighborhood`,
@@ -136,6 +142,8 @@ class ContextPredictionLoss(nn.Module):
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
         grid_shape: token grid ``(h, w)`` of ``(B, L, C)`` features.
+        layout: ``"channels_first"`` or ``"tokens"`` to state the layer output's layout
+            explicitly (needed for rank-3 outputs without ``grid_shape``); ``None`` infers it.
         resize: how a target is brought to the layer grid.
         estimator_options: keyword options for a named estimator, e.g.
             ``{"iterations": 10}`` for ``"sinkhorn"`` (``check_finite=False`` is preset).
@@ -143,6 +151,10 @@ class ContextPredictionLoss(nn.Module):
             targets, so that every problem has equal uniform supports (then ``"exact"`` is a
             batched assignment on the device; see
             :func:`~ctxpred.heads.gaussian.sample_divergence`).
+        check_finite: check that the target has no NaN/Inf and that token ids lie in the
+            vocabulary: a plain check on the CPU, an asynchronous device assert on an
+            accelerator or under ``torch.compile`` (no host sync either way); ``False`` skips
+            it.
 
     Example:
         >>> from ctxpred import PixelNeighborhood, GaussianSamplingHead
@@ -173,6 +185,8 @@ class ContextPredictionLoss(nn.Module):
         resize: ResizeMode = "auto",
         estimator_options: Mapping[str, Any] | None = None,
         match_mask: bool = False,
+        layout: Layout | None = None,
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         num_strides = self._check_pipeline(neighborhood, head)
@@ -190,7 +204,13 @@ class ContextPredictionLoss(nn.Module):
         self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)
         self.estimator, self._estimator_fn = _estimator(estimator, estimator_options)
         self.match_mask = bool(match_mask)
+        if layout not in (None, "channels_first", "tokens"):
+            raise ValueRangeError(
+                f"layout must be None, 'channels_first' or 'tokens', got {layout!r}")
+        self.layer_layout = layout
+        self.check_finite = bool(check_finite)
         self.name = type(self).__name__
+        self._warned_upsample = False
 
     @staticmethod
     def _check_pipeline(neighborhood: nn.Module, head: ContextHead) -> int:
@@ -240,7 +260,7 @@ class ContextPredictionLoss(nn.Module):
         """The layer output's layout (channels-first, or tokens with this loss's or the
         neighborhood's ``grid_shape``); see :mod:`ctxpred._layout`."""
         grid = self.grid_shape or getattr(self.neighborhood, "grid_shape", None)
-        return _layout.describe_layer(features, grid, name=self.name)
+        return _layout.describe_layer(features, grid, name=self.name, layout=self.layer_layout)
 
     def layer_grid(self, features: Tensor) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
         """``(spatial, grid_shape)`` of ``features``: ``grid_shape`` is set for token layouts."""
@@ -280,18 +300,64 @@ class ContextPredictionLoss(nn.Module):
                 f"{getattr(features, 'dtype', type(features).__name__)}"
             )
         lay = self.layout(features)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueRangeError(
+                f"{self.name}: generator must be a torch.Generator or None, got "
+                f"{type(generator).__name__} {generator!r}; e.g. "
+                f"torch.Generator(device=...).manual_seed(seed)"
+            )
+        _checks.check_devices(features, target if isinstance(target, Tensor) else None,
+                              self.head, self.name)
+        given = target is not None
+        if given:
+            target = self._check_target(features, target, lay)
+        elif _checks.needs_target(self.neighborhood):
+            raise ValueRangeError(
+                f"{self.name}: its {type(self.neighborhood).__name__} needs a target, the clean "
+                f"signal the context is taken from (pixels or latents (B, C, *grid), or token "
+                f"ids): pass loss(features, target) / predictor.loss(target=x0) or "
+                f"{{layer: x0}}; to predict the layer's own features use a FeatureNeighborhood, "
+                f"which stops the gradient"
+            )
         target = _layout.prepare_target(
             features, target, lay, getattr(self.neighborhood, "grid_shape", None), self.resize,
             self.name,
         )
+        if given and self.check_finite:
+            _checks.check_finite(target, self.name)
+            if not target.is_floating_point():
+                vocab = _vocabulary(self.head, self.neighborhood)
+                if vocab is not None:
+                    _checks.check_ids_in_range(target, vocab, self.name)
         nb = self._neighbors(target, self._resolve_points(math.prod(lay.grid)), generator)
-        z = gather_points(features, nb.points, lay.token_grid)
+        z = _checks.to_head_dtype(gather_points(features, nb.points, lay.token_grid), self.head)
         prediction = self.head(z, generator=generator)
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
         per_point = self.head.divergence(prediction, nb, est, match_mask=self.match_mask)
         valid = nb.mask.any(-1)
         total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor)
         return ContextLossTerms(self.weight * total, per_stride, per_point, valid, nb.points)
+
+    def _check_target(self, features: Tensor, target: Any, lay: _layout.TensorLayout) -> Any:
+        """The early checks of a given target (see the class docstring); float64 -> float32
+        unless the features are float64 too."""
+        if not isinstance(target, Tensor):
+            return target  # prepare_target names the type
+        wants_ids = hasattr(self.neighborhood, "ids")
+        _checks.check_target_dtype(target, wants_ids, self.name)
+        if target.dtype == torch.float64 and features.dtype != torch.float64:
+            target = target.float()  # the divergence core runs in float32, as documented
+        if getattr(self.neighborhood, "grid_shape", None) is not None:
+            return target  # token layout: prepare_target checks the grid
+        if not wants_ids:
+            channels = self.head.out_channels if self.head.target_kind == "values" else None
+            _checks.check_target_layout(target, lay.grid, channels, self.name)
+        source = tuple(target.shape[1:] if wants_ids else target.shape[2:])
+        warning = _checks.check_resize(source, lay.grid, self.name)
+        if warning is not None and not self._warned_upsample:
+            self._warned_upsample = True
+            _checks.warn_user(warning)
+        return target
 
     def forward(
         self,
@@ -312,9 +378,19 @@ class ContextPredictionLoss(nn.Module):
 
     def extra_repr(self) -> str:
         est = self.estimator if isinstance(self.estimator, str) else type(self.estimator).__name__
+        layout = "" if self.layer_layout is None else f", layout={self.layer_layout!r}"
         return (f"estimator={est!r}, weight={self.weight}, points={self.points}, "
                 f"match_mask={self.match_mask}, "
-                f"grid_shape={self.grid_shape}, resize={self.resize!r}")
+                f"grid_shape={self.grid_shape}{layout}, resize={self.resize!r}")
+
+
+def _vocabulary(head: ContextHead, neighborhood: nn.Module) -> int | None:
+    """How many token ids a target may use: the head's ``num_classes`` or the neighborhood's
+    codebook size (``None``: unknown, not checked)."""
+    if head.target_kind == "ids" and isinstance(getattr(head, "num_classes", None), int):
+        return head.num_classes
+    codebook = getattr(neighborhood, "codebook", None)
+    return None if codebook is None else int(codebook.shape[0])
 
 
 def _check_weight(weight: float) -> float:
