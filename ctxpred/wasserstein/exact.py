@@ -32,7 +32,6 @@ differentiates :math:`\langle \pi^*, C(x, y)\rangle`.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal
 
@@ -238,7 +237,6 @@ _DP_CHUNK_ELEMENTS = 1 << 19  # DP table entries per chunk on CPU (2 MiB of floa
 _DP_MAX_N = 8  # subset DP up to n = 8: n 2^(n-1) = 1024 candidate sums per problem
 
 
-@functools.lru_cache(maxsize=16)
 def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
     """For k = 1..n: the masks with k bits, and for each its (predecessor mask, column) pairs."""
     levels = []
