@@ -1,4 +1,4 @@
-r"""Exact optimal transport: batched assignment solvers on the device (subset DP, Hungarian).
+r"""Exact optimal transport on the device: assignment (subset DP, Hungarian) and min-cost flow.
 
 .. math::
     W_p^p(a, b) = \min_{\pi \in \Pi(a, b)} \sum_{ij} \pi_{ij}\, \|x_i - y_j\|^p
@@ -23,11 +23,24 @@ is found without autograd; the value is recomputed from the matched pairs, so it
 the envelope gradient :math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i -
 y_{\sigma(i)}\|^p`.
 
-Other weights (unequal support sizes, non-uniform weights) make a transportation problem; for
-those problems ``solver="transport"`` (and ``"auto"``, per problem) runs POT's exact network
-simplex ``ot.emd`` once per problem on the host (needs the ``ot`` extra; a Python loop, as slow
-per problem as the "POT ot.emd2 loop" row of ``docs/results/estimators_cpu.md``) and
-differentiates :math:`\langle \pi^*, C(x, y)\rangle`.
+Unequal support sizes with uniform weights -- ``Q`` predicted samples against the ``m <= K``
+valid neighbors of a border point, the loss's masked problems -- make a transportation problem
+with rational weights :math:`1/n_a`, :math:`1/n_b`. :func:`transport_plan` solves it exactly on
+the device, all problems at once, as an integer min-cost flow (successive shortest paths with
+capacities; see its docstring); the value :math:`\langle \pi^*, C(x, y)\rangle` is differentiated
+with the plan fixed (the envelope gradient). On accelerators and under ``torch.compile`` its
+schedule is fixed and needs no host sync; on a CPU it stops as soon as every problem is solved.
+
+General (non-uniform) weights: ``solver="transport"`` runs POT's exact network simplex ``ot.emd``
+once per problem on the host (needs the ``ot`` extra; a Python loop, as slow per problem as the
+"POT ot.emd2 loop" row of ``docs/results/estimators_cpu.md``). ``solver="auto"`` (the default)
+picks per problem where reading the per-problem weight classes on the host is free (a CPU
+tensor in eager mode) or already paid for (``check_finite=True``); elsewhere it stays on the
+device and requires weights uniform on each side's support (0/1 masks), checked by an
+asynchronous device-side assert.
+
+Empty problems (zero total weight on a side, e.g. every neighbor masked) have value 0 and zero
+gradient on every path.
 """
 
 from __future__ import annotations
@@ -77,8 +90,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             columns as valid rows (not checked here).
 
     Returns:
-        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It minimizes
-        :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
+        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It
+            minimizes :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
 
     Example:
         >>> import torch
@@ -385,8 +398,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         col_valid: ``(B, m)`` bool, columns carrying mass (default all).
 
     Returns:
-        ``(B, n, m)`` plan :math:`\pi` in ``cost``'s dtype: row sums :math:`1/n_a` on valid rows,
-        column sums :math:`1/n_b` on valid columns, 0 elsewhere and for empty problems.
+        ``(B, n, m)`` plan :math:`\pi` in ``cost``'s dtype: row sums :math:`1/n_a` on valid
+            rows, column sums :math:`1/n_b` on valid columns, 0 elsewhere and for empty problems.
 
     Example:
         >>> import torch
@@ -698,15 +711,22 @@ def exact_wasserstein(
         x_weights: ``(..., N)`` non-negative weights (0 = masked out); ``None`` = uniform.
         y_weights: ``(..., M)`` same for ``y``.
         p: cost exponent, ``>= 1``.
-        solver: ``"assignment"`` (batched Hungarian on the device; requires uniform weights on
-            supports of equal size), ``"transport"`` (POT ``ot.emd`` per problem on the host, any
-            weights), or ``"auto"``: per problem, the assignment solver where the weights allow
-            it and the transport one elsewhere. With weights given, ``"auto"`` decides with one
-            host sync; pass ``"assignment"`` in training loops to avoid it (then every problem
-            must qualify, e.g. predicted samples masked like their targets).
-        check_finite: check for NaN/Inf points and negative weights, and (for
-            ``"assignment"``) that the weights allow it -- one host sync; pass ``False`` to skip.
-            (Named like this for every estimator; it also checks the weights.)
+        solver: ``"auto"`` (default): equal uniform supports go to the assignment solver,
+            unequal uniform ones (masks) to the device min-cost flow, general weights to POT on
+            the host -- chosen per problem where that costs no host sync (CPU eager, or
+            ``check_finite=True``); on accelerators and under ``torch.compile`` with
+            ``check_finite=False``, masks only (every problem goes to the flow solver; other
+            weights fail a device-side assert). ``"assignment"``: batched subset DP / Hungarian
+            on the device, for uniform weights on supports of equal size (e.g. predicted samples
+            masked like their targets, ``match_mask=True``); the fastest fixed schedule on
+            accelerators. ``"flow"``: the device min-cost flow (:func:`transport_plan`) for
+            uniform weights on any supports. ``"transport"``: POT ``ot.emd`` per problem on the
+            host, any weights. A solver given weights it cannot handle raises
+            :class:`~ctxpred.errors.ValueRangeError` (CPU, or ``check_finite=True``) or fails a
+            device-side assert (accelerators: the error surfaces at the next synchronization).
+        check_finite: check for NaN/Inf points and negative weights -- one host sync; pass
+            ``False`` in training loops. (Named like this for every estimator; it also checks the
+            weights.)
 
     Returns:
         ``(...)`` values :math:`W_p^p`, in ``x``'s dtype (computed in float32 or float64).
@@ -769,6 +789,13 @@ _FLOW_NEEDS = (
 
 class ExactWasserstein(nn.Module):
     r"""Module form of :func:`exact_wasserstein` (no parameters).
+
+    Args:
+        p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
+        solver: ``"auto"``, ``"assignment"``, ``"flow"`` or ``"transport"`` (see
+            :func:`exact_wasserstein`).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
