@@ -434,6 +434,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     rows_l, cols_l = rows_f.long(), cols_f.long()
     every = torch.arange(bsz, device=device)
     flat_flow, flat_excess, flat_deficit = flow.view(-1), excess.view(-1), deficit.view(-1)
+    big_t = cost.new_tensor(big)
 
     # Start: v_j = min_i C_ij, greedy flow on those tight arcs; u_i = min_j C_ij - v_j, greedy.
     v, best_row = _argmin0(cost_t + ((1.0 - row_f) * big).unsqueeze(1), rows_f.view(n, 1, 1))
@@ -455,65 +456,80 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         excess[i] -= amount
 
     rounds = None if early_exit else flow_augmentation_bound(n, m)
+    full_state = (cost_t, flow, u, v, excess, deficit, col_big)
+    cst, flw, u_w, v_w, exc, dfc, cbig = full_state
+    pid = None  # CPU: the problems still moving flow (compacted when half have finished)
+    width = bsz
     done_rounds = 0
     while rounds is None or done_rounds < rounds:
         done_rounds += 1
-        source = (excess > 0.5).to(dtype)
-        pid = None
-        if early_exit:  # CPU: work on the problems with supply left
-            pid = source.amax(0).nonzero().squeeze(1)
-            if pid.numel() == 0:
+        src = (exc > 0.5).to(dtype)
+        active = src.amax(0)
+        if early_exit:
+            n_active = int(active.sum())
+            if n_active == 0:
                 break
-            if pid.numel() == bsz:
-                pid = None
-        state = (cost_t, flow, u, v, excess, deficit, source, col_big)
-        cst, flw, u_w, v_w, exc, dfc, src, cbig = state if pid is None else _select(state, pid)
-        width = cst.shape[-1]
+            if 2 * n_active <= width:
+                if pid is not None:
+                    _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
+                keep = active.nonzero().squeeze(1)
+                pid = keep if pid is None else pid.index_select(0, keep)
+                cst, flw, u_w, v_w, exc, dfc, cbig = _select(full_state, pid)
+                src, active = src.index_select(1, keep), active.index_select(0, keep)
+                width = n_active
         # Multi-source Dijkstra on reduced costs C_ij - u_i - v_j >= 0: rows with supply left
         # start at 0; row -> column arcs always exist, column -> row arcs where flow > 0 (tight,
-        # so of reduced cost 0). Nodes: columns 0..m-1, rows m..m+n-1.
+        # so of reduced cost 0). Nodes: columns 0..m-1, rows m..m+n-1. Problems without supply
+        # left start "found" and stay inert.
         start = cst - u_w.unsqueeze(1) - v_w.unsqueeze(0) + ((1.0 - src) * big).unsqueeze(1)
         d_col, pred_col = _argmin0(start, rows_f.view(n, 1, 1))
-        dist = torch.cat([d_col + cbig, (1.0 - src) * big], 0)  # (m + n, width)
-        seen = torch.cat([torch.zeros_like(d_col), src], 0)
-        pred = torch.cat([pred_col, torch.zeros_like(src)], 0)  # column: its row; row: its column
-        found = cost.new_zeros(width)
-        reach = cost.new_zeros(width)  # distance of the sink
-        sink = cost.new_zeros(width)
-        full = (dist, seen, pred, found, reach, sink)
+        full = (
+            torch.cat([d_col + cbig, (1.0 - src) * big], 0),  # distances, (m + n, width)
+            torch.cat([torch.zeros_like(d_col), src], 0),  # visited
+            torch.cat([pred_col, torch.zeros_like(src)], 0),  # column: its row; row: its column
+            1.0 - active,  # found
+            cost.new_zeros(width),  # distance of the sink
+            cost.new_zeros(width),  # the sink column
+        )
         wid = None  # CPU: the problems still searching (indices into the round's problems)
         w_in = (cst, flw, u_w, v_w, dfc, cbig)
         w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = w_in
         w_dist, w_seen, w_pred, w_found, w_reach, w_sink = full
-        ww = width
+        ww = -1
         for _ in range(n + m):
-            wi = torch.arange(ww, device=device)
-            val, idx = _argmin0(w_dist + w_seen * big, nodes_f)
+            if ww != w_found.shape[0]:  # index bases for this width
+                ww = w_found.shape[0]
+                wi = torch.arange(ww, device=device)
+                col_base = rows_l * (m * ww) + wi  # (n, ww): C / flow entry (i, 0) of problem
+                row_base = cols_l * ww + wi  # (m, ww): C entry (0, j)
+                flat_cst, flat_flw = w_cst.reshape(-1), w_flw.reshape(-1)
+                flat_dfc, flat_u = w_dfc.reshape(-1), w_u.reshape(-1)
+            val, idx = _argmin0(torch.addcmul(w_dist, w_seen, big_t), nodes_f)
             searching = 1.0 - w_found
             is_col = (idx < m).to(dtype)
-            j = idx.clamp_max(m - 1)
-            i = (idx - m).clamp_min(0)
-            j_l, i_l = j.long(), i.long()
-            free = (w_dfc.reshape(-1).take(j_l * ww + wi) > 0.5).to(dtype)
+            j_l = idx.clamp_max(m - 1).long()
+            i_l = (idx - m).clamp_min(0).long()
+            free = (flat_dfc.take(j_l * ww + wi) > 0.5).to(dtype)
             new = searching * is_col * free
-            w_sink = torch.lerp(w_sink, j, new)
+            w_sink = torch.lerp(w_sink, idx, new)
             w_reach = torch.lerp(w_reach, val, new)
             w_found = w_found + new
-            w_seen = w_seen + (nodes_f == idx).to(dtype) * (searching - new)
-            # a saturated column: its rows (flow > 0) are reached at the same distance
-            via_col = searching * is_col - new
-            col_flow = w_flw.reshape(-1).take(rows_l * (m * ww) + j_l * ww + wi)
-            d_row, d_col = w_dist[m:], w_dist[:m]
-            to_row = (col_flow > 0.5) & (via_col > 0) & (w_seen[m:] < 0.5) & (val < d_row)
+            w_seen = torch.addcmul(w_seen, (nodes_f == idx).to(dtype), searching - new)
+            # a saturated column: its rows with flow are reached at the same distance (val is
+            # the smallest unvisited distance, so no unvisited row is closer)
+            via_col = (searching * is_col - new) > 0.5
+            col_flow = flat_flw.take(col_base + j_l * ww)
+            to_row = (col_flow > 0.5) & (w_seen[m:] < 0.5) & via_col
             # a row: relax every column
-            via_row = searching * (1.0 - is_col)
-            row = (w_cst.reshape(-1).take(cols_l * ww + i_l * (m * ww) + wi)
-                   - w_u.reshape(-1).take(i_l * ww + wi) - w_v)
-            cand = val + row + w_cbig
-            to_col = (via_row > 0) & (cand < d_col) & (w_seen[:m] < 0.5)
-            w_dist = torch.cat([torch.where(to_col, cand, d_col), torch.where(to_row, val, d_row)])
-            w_pred = torch.cat([torch.where(to_col, i, w_pred[:m]),
-                                torch.where(to_row, j, w_pred[m:])])
+            via_row = (searching * (1.0 - is_col)) > 0.5
+            row = flat_cst.take(row_base + i_l * (m * ww)) - flat_u.take(i_l * ww + wi) - w_v
+            cand = row.add_(w_cbig).add_(val)
+            d_col = w_dist[:m]
+            to_col = (cand < d_col) & (w_seen[:m] < 0.5) & via_row
+            w_dist = torch.cat([torch.where(to_col, cand, d_col),
+                                torch.where(to_row, val, w_dist[m:])])
+            w_pred = torch.cat([torch.where(to_col, idx - m, w_pred[:m]),
+                                torch.where(to_row, idx, w_pred[m:])])
             if early_exit:
                 left = int((w_found < 0.5).sum())
                 if left == 0:
@@ -525,7 +541,6 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
                     wid = keep if wid is None else wid.index_select(0, keep)
                     w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = _select(w_in, wid)
                     w_dist, w_seen, w_pred, w_found, w_reach, w_sink = _select(work, keep)
-                    ww = wid.numel()
         full = _write_back(full, (w_dist, w_seen, w_pred, w_found, w_reach, w_sink), wid)
         dist, seen, pred, found, reach, sink = full
         # Duals: visited nodes move by (sink distance - their distance); arcs stay >= 0.
@@ -534,7 +549,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         v_w -= shift[:m]
         # Augment along the path sink <- row <- column <- ... <- source by its bottleneck.
         wi = torch.arange(width, device=device)
-        going = found > 0.5
+        going = (found > 0.5) & (active > 0.5)
         sink_l = sink.long()
         delta = torch.where(going, dfc.reshape(-1).take(sink_l * width + wi), 0.0)
         col = sink_l
@@ -564,9 +579,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
             flat_e.index_add_(0, row_i * width + wi, -torch.where(at_source, delta, 0.0))
             flat_f.index_add_(0, (row_i * m + back) * width + wi,
                               -torch.where(on_path & ~at_source, delta, 0.0))
-        if pid is not None:
-            for dst, src_t in zip((flow, u, v, excess, deficit), (flw, u_w, v_w, exc, dfc)):
-                dst.index_copy_(dst.dim() - 1, pid, src_t)
+    if pid is not None:
+        _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
     return (flow / total).permute(2, 0, 1)
 
 
