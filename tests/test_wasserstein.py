@@ -624,17 +624,16 @@ def test_auto_routes_general_weights_to_pot_or_asserts_without_sync():
                                    atol=0)
 
 
-def test_compile_fullgraph_exact_flow_and_assignment():
-    """No host sync on the accelerator path: the whole estimator traces as one graph."""
+def test_compile_fullgraph_exact_assignment():
+    """No host sync on the assignment path either (the flow path: the estimator template)."""
     x, y = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
 
-    def both(a, b, w):
-        return (exact_wasserstein(a, b, None, w, check_finite=False)
-                + exact_wasserstein(a, b, w, w, solver="assignment", check_finite=False))
+    def call(a, b, w):
+        return exact_wasserstein(a, b, w, w, solver="assignment", check_finite=False)
 
-    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, y, mask), both(x, y, mask))
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y, mask), call(x, y, mask))
 
 
 # ---------------------------------------------------------------- Sinkhorn at p != 2
@@ -677,3 +676,82 @@ def test_sinkhorn_default_schedule_two_sided_on_masked_low_dimension():
     assert rel.min() >= -1e-5
     assert 1e-3 < rel.mean() < 3e-2  # biased high on average on this workload (documented)
     assert rel.max() < 0.35
+
+
+# ---------------------------------------------------------------- one template, every estimator
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ESTIMATORS = {  # name: (function, module class, options; smooth enough for gradcheck)
+    "exact": (exact_wasserstein, ExactWasserstein, {}),
+    "sinkhorn": (sinkhorn_wasserstein, SinkhornWasserstein,
+                 {"debias": True, "blur": 2.0, "iterations": 60, "overrelaxation": 1.0}),
+    "sliced": (sliced_wasserstein, SlicedWasserstein, {"num_projections": 8}),
+    "gaussian": (gaussian_wasserstein, GaussianWasserstein, {}),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+class TestEstimatorTemplate:
+    """The same contract for every estimator (kornia BaseTester style)."""
+
+    @staticmethod
+    def inputs(device, dtype, batch=3, n=4, m=5, d=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, n, d, generator=g, dtype=torch.float64).to(device, dtype)
+        y = torch.randn(batch, m, d, generator=g, dtype=torch.float64).to(device, dtype)
+        w = torch.ones(batch, m, dtype=dtype, device=device)
+        w[0, 1] = 0.0
+        w[1, 3:] = 0.0
+        return x, y, w
+
+    def test_function_equals_module(self, name, device, dtype):
+        fn, module, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, dtype)
+        torch.manual_seed(0)
+        got = module(**opts)(x, y, None, w)
+        torch.manual_seed(0)
+        want = fn(x, y, None, w, **opts)
+        assert got.dtype == dtype and got.device.type == device.type and got.shape == (3,)
+        torch.testing.assert_close(got, want)
+
+    def test_perfect_prediction_gives_zero(self, name, device, dtype):
+        fn, _, opts = ESTIMATORS[name]
+        x, _, w = self.inputs(device, dtype, n=5)
+        perm = torch.tensor([3, 0, 4, 1, 2], device=device)
+        torch.manual_seed(0)
+        value = fn(x, x[:, perm], w, w[:, perm], **opts)
+        assert value.abs().max() < (1e-5 if dtype == torch.float32 else 1e-9)
+
+    def test_gradcheck_float64(self, name, device):
+        fn, _, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, torch.float64, batch=2)
+        x.requires_grad_(True)
+        opts = {**opts, "seed": 0} if name == "sliced" else opts
+        assert torch.autograd.gradcheck(lambda t: fn(t, y, None, w, **opts), (x,),
+                                        atol=1e-5, rtol=1e-4)
+
+    def test_compile_fullgraph(self, name, device):
+        """One graph, no host sync (the accelerator path), same values as eager."""
+        fn, _, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, torch.float32, batch=2, n=2, m=2)
+        w[1] = torch.tensor([1.0, 0.0])
+        opts = {**opts, "iterations": 3, "debias": False} if name == "sinkhorn" else opts
+
+        def call(a, b, c):
+            return fn(a, b, None, c, check_finite=False, **opts)
+
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(0)
+        got = compiled(x, y, w)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, call(x, y, w))

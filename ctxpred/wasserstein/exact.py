@@ -75,6 +75,7 @@ __all__ = [
 Solver = Literal["auto", "assignment", "flow", "transport"]
 
 _BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
+_COMPACT_AT = 0.5  # CPU flow solver: drop finished problems once half of them are done
 
 
 @torch.no_grad()
@@ -469,7 +470,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
             n_active = int(active.sum())
             if n_active == 0:
                 break
-            if 2 * n_active <= width:
+            if n_active <= _COMPACT_AT * width:
                 if pid is not None:
                     _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
                 keep = active.nonzero().squeeze(1)
@@ -534,7 +535,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
                 left = int((w_found < 0.5).sum())
                 if left == 0:
                     break
-                if 2 * left <= ww:  # compact: write the finished problems back, keep the rest
+                if left <= _COMPACT_AT * ww:  # compact: write back the finished, keep the rest
                     work = (w_dist, w_seen, w_pred, w_found, w_reach, w_sink)
                     full = _write_back(full, work, wid)
                     keep = (w_found < 0.5).nonzero().squeeze(1)
