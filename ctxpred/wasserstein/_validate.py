@@ -195,7 +195,15 @@ def host_checks_free(device: torch.device) -> bool:
     stop early and route problems; on accelerators, and while ``torch.compile`` traces, they run
     their fixed, data-independent schedules instead.
     """
-    return device.type == "cpu" and not torch.compiler.is_compiling()
+    return device.type == "cpu" and not _is_compiling()
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)  # torch >= 2.3
+    if check is None:  # pragma: no cover - torch 2.2
+        from torch._dynamo import is_compiling as check
+    return bool(check())
 
 
 def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None = None) -> Tensor:
