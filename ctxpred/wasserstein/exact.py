@@ -615,7 +615,7 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
     )
     values = prep.x.new_zeros(prep.x.shape[0])
     for chosen, solve in groups:
-        index = chosen.nonzero().squeeze(1)
+        index = chosen.nonzero().squeeze(1).to(prep.x.device)
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
         if index.numel():
