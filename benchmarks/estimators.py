@@ -15,6 +15,13 @@ against the exact W_2^2 (scipy ``linear_sum_assignment`` in float64), for:
 * scipy ``linear_sum_assignment`` per problem on the host + gather (exact, envelope gradient);
 * point-wise MSE in a fixed order: the floor (not a transport cost).
 
+A configuration ``N x K x D m`` (suffix ``m``) is the *masked* workload of the loss at image
+borders: ``K`` predicted samples against ``K`` neighbors of which, on 60% of the problems, 1 to 5
+(uniformly) are masked out -- unequal supports. Its reference is POT ``ot.emd`` per problem in
+float64 (value and envelope gradient); its rows are the estimators that take masks (ctxpred exact,
+Sinkhorn's default and masked schedules, the POT loop, the masked MSE floor) plus ctxpred exact on
+the same points without the mask (the unmasked cost of the same problems).
+
 Prints a markdown table and writes ``OUT.json`` and ``OUT.md``. Example::
 
     python benchmarks/estimators.py --device cpu --repeats 3
@@ -57,8 +64,9 @@ from ctxpred.wasserstein import (  # noqa: E402
 
 Estimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-DEFAULT_CONFIGS = "16384x8x64,16384x24x64,4096x8x256"
-QUICK_CONFIGS = "48x5x4,32x3x8"
+DEFAULT_CONFIGS = "16384x8x3m,16384x8x64m,16384x8x64,16384x24x64,4096x8x256"
+QUICK_CONFIGS = "48x5x4,32x3x8,40x4x3m"
+MASKED_FRACTION, MASKED_MIN, MASKED_MAX = 0.6, 1, 5  # the masked workload (see above)
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -131,6 +139,71 @@ def mse_floor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).pow(2).sum(-1).mean(-1)
 
 
+def masked_workload(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, k)`` 0/1 float mask: on 60% of the rows, 1-5 (uniformly) of the k neighbors off."""
+    rows = torch.rand(n, generator=generator) < MASKED_FRACTION
+    count = torch.randint(MASKED_MIN, min(MASKED_MAX, k - 1) + 1, (n,), generator=generator)
+    rank = torch.rand(n, k, generator=generator).argsort(1).argsort(1)
+    return (~((rank < count.unsqueeze(1)) & rows.unsqueeze(1))).float()
+
+
+def masked_reference(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 exact W_2^2 per problem with masked y (POT ot.emd) and its gradient w.r.t. x."""
+    import ot
+
+    xd, yd, md = (t.detach().double().cpu() for t in (x, y, mask))
+    plans = []
+    a = np.full(x.shape[1], 1.0 / x.shape[1])
+    for k in range(xd.shape[0]):
+        b = md[k].numpy() / md[k].sum().item()
+        plans.append(torch.from_numpy(ot.emd(a, b, ot.dist(xd[k].numpy(), yd[k].numpy()))))
+    plan = torch.stack(plans)
+    cost = _sqdist(xd, yd)
+    values = (plan * cost).sum((1, 2))
+    grad = 2.0 * (plan.sum(-1, keepdim=True) * xd - torch.bmm(plan, yd)) / x.shape[0]
+    return values, grad
+
+
+def pot_emd2_loop_masked(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    import ot
+
+    cost = _sqdist(x, y)
+    a = torch.full((x.shape[1],), 1.0 / x.shape[1], dtype=x.dtype, device=x.device)
+    b = mask / mask.sum(-1, keepdim=True)
+    return torch.stack([ot.emd2(a, b[i], cost[i]) for i in range(cost.shape[0])])
+
+
+def mse_floor_masked(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((x - y).pow(2).sum(-1) * mask).sum(-1) / mask.sum(-1)
+
+
+SLOW_SCHEDULE = {"scaling": 0.9, "iterations": 200}
+
+
+def build_masked() -> list[dict]:
+    """The rows of a masked configuration: ``fn(x, y, mask)``."""
+    nocheck = {"check_finite": False}
+    rows = [
+        ("ctxpred exact (masked: device min-cost flow)", lambda x, y, w: exact_wasserstein(
+            x, y, None, w, **nocheck), "batched", "exact; unequal supports on the device",
+         "masked"),
+        ("ctxpred exact, same points without the mask", lambda x, y, w: exact_wasserstein(
+            x, y, **nocheck), "batched", "equal supports: batched assignment", "unmasked"),
+        ("ctxpred sinkhorn (default)", lambda x, y, w: sinkhorn_wasserstein(
+            x, y, None, w, **nocheck), "batched", "relative_blur=1e-3, 30 it, overrelaxation 1.6",
+         "masked"),
+        ("ctxpred sinkhorn (scaling 0.9, 200 it)", lambda x, y, w: sinkhorn_wasserstein(
+            x, y, None, w, **SLOW_SCHEDULE, **nocheck), "batched",
+         "the accurate masked schedule", "masked"),
+        ("POT ot.emd2 loop", pot_emd2_loop_masked, "loop", "exact; subsample, extrapolated",
+         "masked"),
+        ("MSE, fixed order (floor)", mse_floor_masked, "batched",
+         "over the valid neighbors; not a transport cost", "masked"),
+    ]
+    return [dict(name=n, fn=f, kind=k, note=note, reference=ref) for n, f, k, note, ref in rows]
+
+
 def build(quick: bool) -> list[dict]:
     """(name, fn, kind, note) of every estimator, ctxpred first."""
     nocheck = {"check_finite": False}
@@ -166,7 +239,8 @@ def build(quick: bool) -> list[dict]:
     except ImportError:
         pass
     rows.append(("MSE, fixed order (floor)", mse_floor, "batched", "not a transport cost"))
-    return [dict(name=n, fn=f, kind=k, note=note) for n, f, k, note in rows]
+    return [dict(name=n, fn=lambda x, y, w, f=f: f(x, y), kind=k, note=note,
+                 reference="unmasked") for n, f, k, note in rows]
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -230,65 +304,70 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_backward(fn: Estimator, x: torch.Tensor, y: torch.Tensor):
+def forward_backward(fn: Callable, x: torch.Tensor, y: torch.Tensor,
+                     mask: torch.Tensor | None = None):
     pred = x.detach().requires_grad_(True)
-    values = fn(pred, y)
+    values = fn(pred, y, mask)
     values.mean().backward()
     return values.detach(), pred.grad
 
 
-def time_call(fn: Estimator, x: torch.Tensor, y: torch.Tensor, repeats: int,
-              device: torch.device, warm_up: bool = True
-              ) -> tuple[float, float, torch.Tensor | None, torch.Tensor | None]:
-    """Median wall time and median process CPU time (all threads) of forward + backward."""
-    values, grad = forward_backward(fn, x, y) if warm_up else (None, None)
-    walls, cpus = [], []
-    for _ in range(repeats):
-        sync(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        forward_backward(fn, x, y)
-        sync(device)
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - start_cpu)
-    return statistics.median(walls), statistics.median(cpus), values, grad
+def time_call(fn: Callable, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+              device: torch.device) -> tuple[float, float]:
+    """Wall time and process CPU time (all threads) of one forward + backward."""
+    sync(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    forward_backward(fn, x, y, mask)
+    sync(device)
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.device) -> dict:
+def run_config(n: int, k: int, d: int, masked: bool, args: argparse.Namespace,
+               device: torch.device) -> dict:
     """Warm up and measure every estimator, then time them round-robin (``--repeats`` rounds),
     so that load drifting on a shared machine hits all of them alike."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, k, d, generator=g).to(device)
     y = torch.randn(n, k, d, generator=g).to(device)
-    exact_values, exact_grad = exact_reference(x, y)
+    mask = masked_workload(n, k, g).to(device) if masked else None
+    references = {"unmasked": exact_reference(x, y)}
+    if masked:
+        references["masked"] = masked_reference(x, y, mask)
     live, rows = [], {}
-    for est in build(args.quick):
+    for est in (build_masked() if masked else build(args.quick)):
         if args.skip and any(s.lower() in est["name"].lower() for s in args.skip):
             continue
         sub = n if est["kind"] == "batched" else min(n, args.loop_n)
+        w = None if mask is None else mask[:sub]
         try:
-            values, grad = forward_backward(est["fn"], x[:sub], y[:sub])  # warm-up + accuracy
+            values, grad = forward_backward(est["fn"], x[:sub], y[:sub], w)  # warm-up, accuracy
             memory = peak_memory_mib(
-                lambda e=est, a=x[:sub], b=y[:sub]: forward_backward(e["fn"], a, b), device
+                lambda e=est, a=x[:sub], b=y[:sub], c=w: forward_backward(e["fn"], a, b, c),
+                device,
             )
         except Exception as err:  # a peer failing must not stop the run
             rows[est["name"]] = dict(name=est["name"], error=f"{type(err).__name__}: {err}"[:200])
             print(f"  {est['name']:55s} FAILED: {err}", flush=True)
             continue
+        exact_values, exact_grad = references[est["reference"]]
         rel = (values.double().cpu() - exact_values[:sub].cpu()) / exact_values[:sub].cpu()
         cos = torch.nn.functional.cosine_similarity(
-            grad.double().flatten(1), exact_grad[:sub].double().flatten(1), dim=1
+            grad.double().cpu().flatten(1), exact_grad[:sub].double().flatten(1), dim=1
         )
         rows[est["name"]] = dict(
             name=est["name"], note=est["note"], measured_on=sub, extrapolated=sub < n,
             peak_mem_mib=memory, rel_err_mean=float(rel.mean()),
-            rel_err_abs_mean=float(rel.abs().mean()), grad_cos_mean=float(cos.mean()),
+            rel_err_abs_mean=float(rel.abs().mean()), rel_err_abs_max=float(rel.abs().max()),
+            rel_err_abs_p99=float(rel.abs().quantile(0.99)), grad_cos_mean=float(cos.mean()),
+            grad_cos_min=float(cos.min()), reference=est["reference"],
         )
         live.append((est, sub))
     walls: dict[str, list[float]] = {est["name"]: [] for est, _ in live}
     cpus: dict[str, list[float]] = {est["name"]: [] for est, _ in live}
     for _ in range(args.repeats):
         for est, sub in live:
-            wall, cpu, _, _ = time_call(est["fn"], x[:sub], y[:sub], 1, device, warm_up=False)
+            w = None if mask is None else mask[:sub]
+            wall, cpu = time_call(est["fn"], x[:sub], y[:sub], w, device)
             walls[est["name"]].append(wall * n / sub)
             cpus[est["name"]].append(cpu * n / sub)
     for est, _ in live:
@@ -297,14 +376,40 @@ def run_config(n: int, k: int, d: int, args: argparse.Namespace, device: torch.d
         row["cpu_seconds"] = statistics.median(cpus[est["name"]])
         print(f"  {est['name']:55s} {fmt_time(row['seconds']):>9s} "
               f"(cpu {fmt_time(row['cpu_seconds']):>9s})  mem {fmt_mem(row['peak_mem_mib']):>8s}  "
-              f"rel {row['rel_err_mean']:+.2e} (|{row['rel_err_abs_mean']:.1e}|)  "
-              f"cos {row['grad_cos_mean']:.3f}", flush=True)
+              f"rel {row['rel_err_mean']:+.2e} (|{row['rel_err_abs_mean']:.1e}|, max "
+              f"{row['rel_err_abs_max']:.1e})  cos {row['grad_cos_mean']:.3f}", flush=True)
     ordered = list(rows.values())
-    return dict(n=n, k=k, d=d, rows=ordered, targets=targets(ordered))
+    return dict(n=n, k=k, d=d, masked=masked, rows=ordered,
+                targets=masked_targets(ordered) if masked else targets(ordered))
 
 
 def _find(rows: list[dict], prefix: str) -> dict | None:
     return next((r for r in rows if r["name"].startswith(prefix) and "seconds" in r), None)
+
+
+def masked_targets(rows: list[dict]) -> dict:
+    """The issue's targets on the masked workload, as ratios measured in this run."""
+    exact = _find(rows, "ctxpred exact (masked")
+    unmasked = _find(rows, "ctxpred exact, same points")
+    sink, slow = _find(rows, "ctxpred sinkhorn (default)"), _find(rows, "ctxpred sinkhorn (scaling")
+    pot, mse = _find(rows, "POT ot.emd2"), _find(rows, "MSE")
+
+    def ratio(a: dict | None, b: dict | None, key: str = "seconds") -> float | None:
+        if a is None or b is None or not a.get(key) or not b.get(key):
+            return None
+        return a[key] / b[key]
+
+    return {
+        "masked_exact_time_over_sinkhorn_default": ratio(exact, sink),
+        "masked_exact_time_over_unmasked_exact": ratio(exact, unmasked),
+        "masked_exact_time_over_mse": ratio(exact, mse),
+        "masked_exact_cpu_time_over_sinkhorn_default": ratio(exact, sink, "cpu_seconds"),
+        "pot_loop_time_over_masked_exact": ratio(pot, exact),
+        "masked_exact_rel_err_abs_max": None if exact is None else exact["rel_err_abs_max"],
+        "sinkhorn_default_rel_err_abs_max": None if sink is None else sink["rel_err_abs_max"],
+        "sinkhorn_slow_rel_err_abs_max": None if slow is None else slow["rel_err_abs_max"],
+        "sinkhorn_slow_time_over_default": ratio(slow, sink),
+    }
 
 
 def targets(rows: list[dict]) -> dict:
@@ -407,23 +512,25 @@ def markdown(doc: dict) -> str:
                   "`python benchmarks/estimators.py --device cuda` (writes "
                   "`docs/results/estimators_cuda.md`)."]
     for cfg in doc["configs"]:
-        header = ("| estimator | time / call | CPU time / call | x MSE floor (CPU) | peak mem "
-                  "| rel err | grad cos | notes |")
-        lines += ["", f"## N={cfg['n']}, K={cfg['k']}, D={cfg['d']}", "", header,
-                  "|---|---|---|---|---|---|---|---|"]
+        masked = cfg.get("masked", False)
+        title = f"## N={cfg['n']}, K={cfg['k']}, D={cfg['d']}" + (
+            f", masked ({MASKED_FRACTION:.0%} of problems with {MASKED_MIN}-{MASKED_MAX} of "
+            f"{cfg['k']} neighbors masked)" if masked else "")
+        lines += ["", title, "", "| estimator | time / call | x MSE floor | peak mem "
+                  "| rel err: mean (max abs) | grad cos |", "|---|---|---|---|---|---|"]
         floor = _find(cfg["rows"], "MSE")
         for r in cfg["rows"]:
             if "error" in r:
-                lines.append(f"| {r['name']} | failed | - | - | - | - | - | {r['error']} |")
+                lines.append(f"| {r['name']} | failed: {r['error']} | - | - | - | - |")
                 continue
             star = "*" if r["extrapolated"] else ""
-            has_floor = floor is not None and floor["cpu_seconds"] > 0
-            xf = f"{r['cpu_seconds'] / floor['cpu_seconds']:.1f}x" if has_floor else "-"
+            has_floor = floor is not None and floor["seconds"] > 0
+            xf = f"{r['seconds'] / floor['seconds']:.1f}x" if has_floor else "-"
+            worst = r.get("rel_err_abs_max")
             lines.append(
-                f"| {r['name']} | {fmt_time(r['seconds'])}{star} | "
-                f"{fmt_time(r['cpu_seconds'])}{star} | {xf} | "
-                f"{fmt_mem(r['peak_mem_mib'])} | {r['rel_err_mean']:+.2e} "
-                f"({r['rel_err_abs_mean']:.1e}) | {r['grad_cos_mean']:.3f} | {r['note']} |"
+                f"| {r['name']} | {fmt_time(r['seconds'])}{star} | {xf} | "
+                f"{fmt_mem(r['peak_mem_mib'])} | {r['rel_err_mean']:+.1e} "
+                f"({'-' if worst is None else f'{worst:.1e}'}) | {r['grad_cos_mean']:.3f} |"
             )
         t = cfg["targets"]
         lines += ["", "Targets (ratios from this run):", ""]
@@ -432,6 +539,13 @@ def markdown(doc: dict) -> str:
                                                else f"{value:.2e}")
             lines.append(f"- `{key}`: {shown}")
     return "\n".join(lines) + "\n"
+
+
+def parse_config(spec: str) -> tuple[int, int, int, bool]:
+    """``"NxKxD"`` -> (N, K, D, False); a trailing ``m`` marks the masked workload."""
+    masked = spec.endswith("m")
+    n, k, d = (int(v) for v in spec.rstrip("m").split("x"))
+    return n, k, d, masked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,17 +576,16 @@ def main(argv: list[str] | None = None) -> int:
         args.configs = args.configs or QUICK_CONFIGS
         args.repeats = min(args.repeats, 1)
         args.loop_n = min(args.loop_n, 8)
-    configs = [tuple(int(v) for v in c.split("x")) for c in (args.configs or DEFAULT_CONFIGS)
-               .split(",")]
+    configs = [parse_config(c) for c in (args.configs or DEFAULT_CONFIGS).split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     out = Path(args.out) if args.out else ROOT / "docs" / "results" / f"estimators_{device.type}"
     doc = dict(command=" ".join(sys.argv[1:] if argv is None else argv),
                configs=[], environment={})
-    for n, k, d in configs:
-        print(f"N={n} K={k} D={d}", flush=True)
-        doc["configs"].append(run_config(n, k, d, args, device))
+    for n, k, d, masked in configs:
+        print(f"N={n} K={k} D={d}" + (" masked" if masked else ""), flush=True)
+        doc["configs"].append(run_config(n, k, d, masked, args, device))
     doc["environment"] = environment(device, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -469,3 +469,289 @@ def test_sinkhorn_slow_schedule_is_accurate_on_masked_unequal_problems():
     slow = wasserstein(x, y, None, mask.float(), method="sinkhorn", scaling=0.9, iterations=100)
     assert ((slow - exact) / exact).abs().mean() < 1e-3
     assert (slow >= exact * (1 - 1e-5)).all()  # the cost of a feasible plan bounds W from above
+
+
+# ---------------------------------------------------------------- masked exact (device flow)
+
+import contextlib  # noqa: E402
+
+from ctxpred.wasserstein import exact as exact_module  # noqa: E402
+from ctxpred.wasserstein.exact import flow_augmentation_bound, transport_plan  # noqa: E402
+
+
+def pot_plan(x, y, a, b, p=2):
+    """POT ot.emd plan per problem (float64) for the cost |x - y|^p, zeros for empty problems."""
+    plans = []
+    for k in range(x.shape[0]):
+        wa, wb = a[k].double().numpy(), b[k].double().numpy()
+        if wa.sum() == 0 or wb.sum() == 0:
+            plans.append(np.zeros((x.shape[1], y.shape[1])))
+            continue
+        cost = ot.dist(x[k].double().numpy(), y[k].double().numpy()) ** (p / 2)
+        plans.append(ot.emd(wa / wa.sum(), wb / wb.sum(), cost))
+    return torch.tensor(np.stack(plans))
+
+
+@contextlib.contextmanager
+def fixed_schedule():
+    """Run the solvers as on an accelerator: fixed, data-independent loops, no host reads."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(exact_module, "host_checks_free", lambda device: False)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+def masked_problem(seed, batch, n, m, d, scale, offset, grid):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(batch, m, d, generator=g, dtype=torch.float64)
+    if grid:  # ties and duplicate points: few distinct integer positions
+        x, y = x.mul(0.8).round(), y.mul(0.8).round()
+        y[:, 0] = x[:, 0]
+    x, y = x * scale, y * scale + offset
+    a = (torch.rand(batch, n, generator=g) < 0.75).double()
+    b = (torch.rand(batch, m, generator=g) < 0.6).double()
+    a[0], b[1] = 0.0, 0.0  # one problem empty on each side
+    return x.float(), y.float(), a, b
+
+
+@settings(max_examples=16, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 8), st.integers(1, 8), st.integers(1, 5),
+       st.sampled_from([1e-4, 1.0, 1e4]), st.sampled_from([0.0, 1e3]), st.booleans(),
+       st.booleans())
+def test_masked_exact_matches_pot(seed, n, m, d, scale, offset, grid, fixed):
+    """float32 values within 1e-6 relative of ot.emd2 (float64) on masked, unequal supports --
+    ties, duplicates, single valid points, empty problems, scales 1e+-4, far-apart clouds -- on
+    the CPU schedule and on the fixed (accelerator) schedule."""
+    x, y, a, b = masked_problem(seed, 5, n, m, d, scale, offset * scale, grid)
+    with fixed_schedule() if fixed else contextlib.nullcontext():
+        got = exact_wasserstein(x, y, a.float(), b.float(), solver="flow", check_finite=False)
+    want = pot_oracle(x, y, a, b)
+    # float32 data: the exact value of the (float32) points is the reference, in float64
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * scale**2)
+    plan = transport_plan(pairwise_cost_f64(x, y), a > 0, b > 0)
+    nonempty = (a.sum(1) > 0) & (b.sum(1) > 0)
+    rows = torch.where(nonempty[:, None], a / a.sum(1, keepdim=True).clamp_min(1), 0.0)
+    cols = torch.where(nonempty[:, None], b / b.sum(1, keepdim=True).clamp_min(1), 0.0)
+    torch.testing.assert_close(plan.sum(2), rows)  # a feasible plan: marginals exact
+    torch.testing.assert_close(plan.sum(1), cols)
+
+
+def pairwise_cost_f64(x, y):
+    return ((x.double()[:, :, None] - y.double()[:, None]) ** 2).sum(-1)
+
+
+def test_flow_equals_assignment_and_auto_on_equal_supports():
+    x, y = clouds(11, 64, 7, 7, 3, torch.float32)
+    mask = torch.rand(64, 7, generator=torch.Generator().manual_seed(1)) < 0.7
+    mask[:, 0] = True
+    w = mask.float()
+    flow = exact_wasserstein(x, y, w, w, solver="flow")
+    torch.testing.assert_close(flow, exact_wasserstein(x, y, w, w, solver="assignment"))
+    torch.testing.assert_close(flow, exact_wasserstein(x, y, w, w, check_finite=False))
+
+
+def test_single_valid_neighbor_closed_form_and_all_masked_zero():
+    x = torch.randn(4, 8, 3, requires_grad=True)
+    y = torch.randn(4, 8, 3)
+    mask = torch.zeros(4, 8)
+    mask[:3, 2] = 1.0  # one valid neighbor; problem 3 fully masked
+    value = exact_wasserstein(x, y, None, mask, check_finite=False)
+    want = (x[:3] - y[:3, 2:3]).pow(2).sum(-1).mean(-1)
+    torch.testing.assert_close(value[:3], want)
+    assert value[3] == 0
+    value.sum().backward()
+    assert (x.grad[3] == 0).all() and torch.isfinite(x.grad).all()
+    with fixed_schedule():  # the accelerator path agrees, zero included
+        torch.testing.assert_close(exact_wasserstein(x, y, None, mask, check_finite=False), value)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_masked_exact_gradient_is_envelope_of_pot_plan(p):
+    x, y = clouds(12, 16, 8, 8, 3)  # continuous data: a unique optimal plan
+    mask = torch.ones(16, 8, dtype=torch.float64)
+    mask[:, 5:] = 0.0
+    mask[::3, 1] = 0.0
+    x.requires_grad_(True)
+    value = exact_wasserstein(x, y, None, mask, p=p)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    plan = pot_plan(x.detach(), y, torch.ones(16, 8, dtype=torch.float64), mask, p)
+    diff = x.detach()[:, :, None] - y[:, None]
+    dist = diff.norm(dim=-1, keepdim=True)
+    dcost = p * dist.clamp_min(1e-300) ** (p - 2) * diff  # grad_x |x - y|^p
+    want = (plan[..., None] * dcost).sum(2)
+    torch.testing.assert_close(grad, want)
+    mask4 = torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: exact_wasserstein(t, y[:1, :4], None, mask4, p=p),
+                                    (x[:1, :5].detach().requires_grad_(True),))
+
+
+def test_flow_fixed_bound_is_enough_and_cpu_schedule_agrees():
+    assert flow_augmentation_bound(8, 8) == 56 and flow_augmentation_bound(1, 5) == 5
+    x, y = clouds(13, 128, 8, 8, 2, torch.float32)
+    mask = torch.rand(128, 8, generator=torch.Generator().manual_seed(2)) < 0.6
+    mask[:, 3] = True
+    eager = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
+    with fixed_schedule():
+        fixed = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
+    torch.testing.assert_close(fixed, eager)
+
+
+def test_assignment_with_unequal_supports_is_an_error_without_check_finite():
+    """It used to return silently wrong values with check_finite=False (the loss's setting)."""
+    x = torch.randn(2, 4, 3)
+    w = torch.tensor([[1.0, 1, 1, 0]] * 2)
+    with pytest.raises(ValueRangeError, match="solver='assignment' needs"):
+        exact_wasserstein(x, x, None, w, solver="assignment", check_finite=False)
+    with pytest.raises(ValueRangeError, match="solver='assignment' needs"):
+        exact_wasserstein(x, torch.randn(2, 3, 3), solver="assignment", check_finite=False)
+    with fixed_schedule(), pytest.raises(RuntimeError, match="solver='assignment' needs"):
+        exact_wasserstein(x, x, None, w, solver="assignment", check_finite=False)  # async assert
+
+
+def test_auto_routes_general_weights_to_pot_or_asserts_without_sync():
+    x, y = clouds(14, 3, 4, 5, 2, torch.float32)
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.4]]).expand(3, 4)
+    want = pot_oracle(x, y, a, None)
+    got = exact_wasserstein(x, y, a, None, check_finite=False)  # CPU: routed to POT, free
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    with fixed_schedule(), pytest.raises(RuntimeError, match="uniform weights"):
+        exact_wasserstein(x, y, a, None, check_finite=False)
+    with fixed_schedule():  # check_finite=True already syncs: routing is allowed
+        torch.testing.assert_close(exact_wasserstein(x, y, a, None).double(), want, rtol=1e-5,
+                                   atol=0)
+
+
+def test_compile_fullgraph_exact_assignment():
+    """No host sync on the assignment path either (the flow path: the estimator template)."""
+    x, y = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+
+    def call(a, b, w):
+        return exact_wasserstein(a, b, w, w, solver="assignment", check_finite=False)
+
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y, mask), call(x, y, mask))
+
+
+# ---------------------------------------------------------------- Sinkhorn at p != 2
+
+
+@pytest.mark.parametrize("p", [1, 1.5, 3])
+@pytest.mark.parametrize("debias", [False, True])
+def test_sinkhorn_backward_any_p_matches_exact_gradient(p, debias):
+    """Used to crash: pairwise_cost modified in place a tensor autograd needed."""
+    x, y = clouds(15, 32, 8, 8, 3, torch.float32)
+    x.requires_grad_(True)
+    value = wasserstein(x, y, method="sinkhorn", p=p, debias=debias, scaling=0.9, iterations=100)
+    (g_sk,) = torch.autograd.grad(value.sum(), x)
+    (g_ex,) = torch.autograd.grad(wasserstein(x, y, method="exact", p=p).sum(), x)
+    assert torch.isfinite(g_sk).all()
+    cos = torch.nn.functional.cosine_similarity(g_sk.flatten(1), g_ex.flatten(1))
+    assert cos.mean() > 0.99 and cos.min() > 0.9
+    exact_value = wasserstein(x, y, method="exact", p=p)
+    if not debias:
+        rel = (value - exact_value) / exact_value
+        assert rel.min() > -1e-5 and rel.mean() < 1e-2
+
+
+def masked_workload(seed, n, k, d):
+    """The benchmark's masked workload: on 60% of problems 1-5 of k neighbors masked."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, k, d, generator=g), torch.randn(n, k, d, generator=g)
+    rows = torch.rand(n, generator=g) < 0.6
+    count = torch.randint(1, 6, (n,), generator=g)
+    rank = torch.rand(n, k, generator=g).argsort(1).argsort(1)
+    return x, y, (~((rank < count[:, None]) & rows[:, None])).float()
+
+
+def test_sinkhorn_default_schedule_two_sided_on_masked_low_dimension():
+    """Documented accuracy of the default schedule on masked D=3 problems (docs/estimators.md):
+    never below the exact value (a feasible plan's cost), and at most this far above it."""
+    x, y, mask = masked_workload(3, 512, 8, 3)
+    exact = wasserstein(x, y, None, mask, method="exact").double()
+    rel = (wasserstein(x, y, None, mask, method="sinkhorn").double() - exact) / exact
+    assert rel.min() >= -1e-5
+    assert 1e-3 < rel.mean() < 3e-2  # biased high on average on this workload (documented)
+    assert rel.max() < 0.35
+
+
+# ---------------------------------------------------------------- one template, every estimator
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ESTIMATORS = {  # name: (function, module class, options; smooth enough for gradcheck)
+    "exact": (exact_wasserstein, ExactWasserstein, {}),
+    "sinkhorn": (sinkhorn_wasserstein, SinkhornWasserstein,
+                 {"debias": True, "blur": 2.0, "iterations": 60, "overrelaxation": 1.0}),
+    "sliced": (sliced_wasserstein, SlicedWasserstein, {"num_projections": 8}),
+    "gaussian": (gaussian_wasserstein, GaussianWasserstein, {}),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+class TestEstimatorTemplate:
+    """The same contract for every estimator (kornia BaseTester style)."""
+
+    @staticmethod
+    def inputs(device, dtype, batch=3, n=4, m=5, d=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, n, d, generator=g, dtype=torch.float64).to(device, dtype)
+        y = torch.randn(batch, m, d, generator=g, dtype=torch.float64).to(device, dtype)
+        w = torch.ones(batch, m, dtype=dtype, device=device)
+        w[0, 1] = 0.0
+        w[1, 3:] = 0.0
+        return x, y, w
+
+    def test_function_equals_module(self, name, device, dtype):
+        fn, module, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, dtype)
+        torch.manual_seed(0)
+        got = module(**opts)(x, y, None, w)
+        torch.manual_seed(0)
+        want = fn(x, y, None, w, **opts)
+        assert got.dtype == dtype and got.device.type == device.type and got.shape == (3,)
+        torch.testing.assert_close(got, want)
+
+    def test_perfect_prediction_gives_zero(self, name, device, dtype):
+        fn, _, opts = ESTIMATORS[name]
+        x, _, w = self.inputs(device, dtype, n=5)
+        perm = torch.tensor([3, 0, 4, 1, 2], device=device)
+        torch.manual_seed(0)
+        value = fn(x, x[:, perm], w, w[:, perm], **opts)
+        assert value.abs().max() < (1e-5 if dtype == torch.float32 else 1e-9)
+
+    def test_gradcheck_float64(self, name, device):
+        fn, _, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, torch.float64, batch=2)
+        x.requires_grad_(True)
+        opts = {**opts, "seed": 0} if name == "sliced" else opts
+        assert torch.autograd.gradcheck(lambda t: fn(t, y, None, w, **opts), (x,),
+                                        atol=1e-5, rtol=1e-4)
+
+    def test_compile_fullgraph(self, name, device):
+        """One graph, no host sync (the accelerator path), same values as eager."""
+        fn, _, opts = ESTIMATORS[name]
+        x, y, w = self.inputs(device, torch.float32, batch=2, n=2, m=2)
+        w[1] = torch.tensor([1.0, 0.0])
+        opts = {**opts, "iterations": 3, "debias": False} if name == "sinkhorn" else opts
+
+        def call(a, b, c):
+            return fn(a, b, None, c, check_finite=False, **opts)
+
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(0)
+        got = compiled(x, y, w)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, call(x, y, w))

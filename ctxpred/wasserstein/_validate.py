@@ -16,7 +16,16 @@ from torch import Tensor
 
 from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, check_floating
 
-__all__ = ["Prepared", "float32_core", "pairwise_cost", "prepare", "restore", "segment_cost"]
+__all__ = [
+    "Prepared",
+    "float32_core",
+    "host_checks_free",
+    "pairwise_cost",
+    "plan_cost",
+    "prepare",
+    "restore",
+    "segment_cost",
+]
 
 
 class Prepared(NamedTuple):
@@ -146,17 +155,20 @@ def pairwise_cost(x: Tensor, y: Tensor, p: float) -> Tensor:
     r"""Cost matrix ``(B, N, M)``: :math:`\|x_i - y_j\|^p` (squared Euclidean for ``p=2``).
 
     Uses the matmul expansion :math:`|x|^2 + |y|^2 - 2 x\cdot y` (clamped at 0); callers center
-    the points first to keep the cancellation small. Meant for plans (no gradient needed).
+    the points first to keep the cancellation small. Works in place only where autograd does not
+    need the intermediates (no gradient recorded), so it is safe to differentiate; at
+    :math:`x_i = y_j` the gradient of ``p < 2`` is not finite (use :func:`plan_cost`, which is).
     """
-    x_sq = torch.linalg.vector_norm(x, dim=-1).square_().unsqueeze(-1)
-    y_sq = torch.linalg.vector_norm(y, dim=-1).square_().unsqueeze(-2)
+    tracked = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    x_sq = torch.linalg.vector_norm(x, dim=-1).square().unsqueeze(-1)
+    y_sq = torch.linalg.vector_norm(y, dim=-1).square().unsqueeze(-2)
     sq = torch.baddbmm(x_sq + y_sq, x, y.transpose(-1, -2), alpha=-2.0) if x.dim() == 3 else (
         x_sq + y_sq - 2.0 * torch.matmul(x, y.transpose(-1, -2))
     )
-    sq = sq.clamp_min_(0.0)
+    sq = sq.clamp_min(0.0) if tracked else sq.clamp_min_(0.0)
     if p == 2:
         return sq
-    return sq.pow_(p / 2.0)
+    return sq.pow(p / 2.0) if tracked else sq.pow_(p / 2.0)
 
 
 def segment_cost(diff: Tensor, p: float) -> Tensor:
@@ -174,3 +186,64 @@ def center(x: Tensor, y: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Subtract the ``b``-weighted mean of ``y`` from both sets (W is translation invariant)."""
     mean = (b.unsqueeze(-1) * y).sum(-2, keepdim=True)
     return x - mean, y - mean
+
+
+def host_checks_free(device: torch.device) -> bool:
+    """``True`` where reading a device value on the host costs nothing: a CPU tensor, eager mode.
+
+    There "how many problems are left?" is a plain memory read (no queue to drain), so solvers may
+    stop early and route problems; on accelerators, and while ``torch.compile`` traces, they run
+    their fixed, data-independent schedules instead.
+    """
+    return device.type == "cpu" and not _is_compiling()
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)  # torch >= 2.3
+    if check is None:  # pragma: no cover - torch 2.2
+        from torch._dynamo import is_compiling as check
+    return bool(check())
+
+
+def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None = None) -> Tensor:
+    r""":math:`\sum_{ij} \pi_{ij} \|x_i - y_j\|^p` per problem with the plan ``(B, N, M)`` held
+    fixed (the envelope gradient), differentiable in ``x (B, N, D)`` and ``y (B, M, D)``.
+
+    For ``p=2`` the value comes from ``cost`` (the centered cost matrix, when given) and the
+    gradient from :math:`2 (r_i x_i - (\pi y)_i)`, one batched matmul, no ``(B, N, M, D)``
+    temporary. For other ``p`` the gradient is 0 (not NaN) where :math:`x_i = y_j`.
+    """
+    plan = plan.contiguous()
+    if p == 2:
+        if cost is None:
+            cost = pairwise_cost(x.detach(), y.detach(), 2.0)
+        return _PlanSquaredCost.apply(plan, cost, x, y)
+    sq = pairwise_cost(x, y, 2.0)
+    positive = sq > 0
+    safe = torch.where(positive, sq, torch.ones_like(sq))
+    powered = torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(sq))
+    return (plan * powered).sum((-1, -2))
+
+
+class _PlanSquaredCost(torch.autograd.Function):
+    """``<plan, C>`` per problem with the envelope gradient of the squared Euclidean cost."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, plan: Tensor, cost: Tensor, x: Tensor, y: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(plan, x, y)
+        return (plan * cost).sum((-1, -2))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
+        plan, x, y = ctx.saved_tensors
+        scale = (2.0 * grad).view(-1, 1, 1)
+        grad_x = grad_y = None
+        if ctx.needs_input_grad[2]:
+            grad_x = scale * (plan.sum(-1).unsqueeze(-1) * x - torch.bmm(plan, y))
+        if ctx.needs_input_grad[3]:
+            plan_t = plan.transpose(1, 2).contiguous()
+            grad_y = scale * (plan.sum(-2).unsqueeze(-1) * y - torch.bmm(plan_t, x))
+        return None, None, grad_x, grad_y

@@ -1,4 +1,4 @@
-r"""Exact optimal transport: batched assignment solvers on the device (subset DP, Hungarian).
+r"""Exact optimal transport on the device: assignment (subset DP, Hungarian) and min-cost flow.
 
 .. math::
     W_p^p(a, b) = \min_{\pi \in \Pi(a, b)} \sum_{ij} \pi_{ij}\, \|x_i - y_j\|^p
@@ -23,16 +23,29 @@ is found without autograd; the value is recomputed from the matched pairs, so it
 the envelope gradient :math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i -
 y_{\sigma(i)}\|^p`.
 
-Other weights (unequal support sizes, non-uniform weights) make a transportation problem; for
-those problems ``solver="transport"`` (and ``"auto"``, per problem) runs POT's exact network
-simplex ``ot.emd`` once per problem on the host (needs the ``ot`` extra; a Python loop, as slow
-per problem as the "POT ot.emd2 loop" row of ``docs/results/estimators_cpu.md``) and
-differentiates :math:`\langle \pi^*, C(x, y)\rangle`.
+Unequal support sizes with uniform weights -- ``Q`` predicted samples against the ``m <= K``
+valid neighbors of a border point, the loss's masked problems -- make a transportation problem
+with rational weights :math:`1/n_a`, :math:`1/n_b`. :func:`transport_plan` solves it exactly on
+the device, all problems at once, as an integer min-cost flow (successive shortest paths with
+capacities; see its docstring); the value :math:`\langle \pi^*, C(x, y)\rangle` is differentiated
+with the plan fixed (the envelope gradient). On accelerators and under ``torch.compile`` its
+schedule is fixed and needs no host sync; on a CPU it stops as soon as every problem is solved.
+
+General (non-uniform) weights: ``solver="transport"`` runs POT's exact network simplex ``ot.emd``
+once per problem on the host (needs the ``ot`` extra; a Python loop, as slow per problem as the
+"POT ot.emd2 loop" row of ``docs/results/estimators_cpu.md``). ``solver="auto"`` (the default)
+picks per problem where reading the per-problem weight classes on the host is free (a CPU
+tensor in eager mode) or already paid for (``check_finite=True``); elsewhere it stays on the
+device and requires weights uniform on each side's support (0/1 masks), checked by an
+asynchronous device-side assert.
+
+Empty problems (zero total weight on a side, e.g. every neighbor masked) have value 0 and zero
+gradient on every path.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Literal
 
 import torch
@@ -43,18 +56,27 @@ from ctxpred.wasserstein._validate import (
     Prepared,
     center,
     float32_core,
+    host_checks_free,
     pairwise_cost,
+    plan_cost,
     prepare,
     restore,
     segment_cost,
 )
 from ctxpred.wasserstein.base import EstimatorModule
 
-__all__ = ["ExactWasserstein", "assignment", "exact_wasserstein"]
+__all__ = [
+    "ExactWasserstein",
+    "assignment",
+    "exact_wasserstein",
+    "flow_augmentation_bound",
+    "transport_plan",
+]
 
-Solver = Literal["auto", "assignment", "transport"]
+Solver = Literal["auto", "assignment", "flow", "transport"]
 
 _BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
+_COMPACT_AT = 0.5  # CPU flow solver: drop finished problems once half of them are done
 
 
 @torch.no_grad()
@@ -70,8 +92,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             columns as valid rows (not checked here).
 
     Returns:
-        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It minimizes
-        :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
+        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It
+            minimizes :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
 
     Example:
         >>> import torch
@@ -112,7 +134,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     row4col_f = cost.new_full((n, bsz), -1.0)  # row4col as float, for the inner loop
     # On a CPU "is every problem done?" costs nothing (there is no device queue to drain), so
     # loops stop early there; on accelerators they run their fixed, data-independent count.
-    early_exit = device.type == "cpu"
+    early_exit = host_checks_free(device)
     blocked_big = blocked.to(cost.dtype) * big
     spc_at_visit = cost.new_zeros(n, bsz)
     visited_f = cost.new_zeros(n, bsz)
@@ -230,7 +252,6 @@ _DP_CHUNK_ELEMENTS = 1 << 19  # DP table entries per chunk on CPU (2 MiB of floa
 _DP_MAX_N = 8  # subset DP up to n = 8: n 2^(n-1) = 1024 candidate sums per problem
 
 
-@functools.lru_cache(maxsize=16)
 def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
     """For k = 1..n: the masks with k bits, and for each its (predecessor mask, column) pairs."""
     levels = []
@@ -245,6 +266,24 @@ def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[i
             cols.append(bits)
         levels.append((masks, preds, cols))
     return levels
+
+
+_TABLES: dict[tuple[int, str], list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+
+def _subset_tables(n: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`_subset_levels` as index tensors ``(masks, flat predecessors, flat columns)`` on
+    ``device``, built once per ``(n, device)`` (no host-to-device copy per call)."""
+    key = (n, str(device))
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = [
+            (torch.tensor(masks, device=device), torch.tensor(preds, device=device).flatten(),
+             torch.tensor(cols, device=device).flatten())
+            for masks, preds, cols in _subset_levels(n)
+        ]
+        _TABLES[key] = tables
+    return tables
 
 
 def _scatter_back(pid: Tensor, full: tuple[Tensor, ...], work: tuple[Tensor, ...]) -> None:
@@ -271,13 +310,11 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     count = row_valid.sum(1)  # (B,) valid rows (= valid columns)
     dp = cost.new_full((1 << n, bsz), big)
     dp[0] = 0.0
-    for k, (masks, preds, cols) in enumerate(_subset_levels(n), start=1):
-        pred = torch.tensor(preds, device=device)  # (C, k)
-        col = torch.tensor(cols, device=device)
-        size = pred.shape[0]
-        cand = dp.index_select(0, pred.flatten()).view(size, k, bsz)
-        cand += cost_t[k - 1].index_select(0, col.flatten()).view(size, k, bsz)
-        dp.index_copy_(0, torch.tensor(masks, device=device), cand.amin(1))
+    for k, (masks, pred, col) in enumerate(_subset_tables(n, device), start=1):
+        size = masks.shape[0]
+        cand = dp.index_select(0, pred).view(size, k, bsz)
+        cand += cost_t[k - 1].index_select(0, col).view(size, k, bsz)
+        dp.index_copy_(0, masks, cand.amin(1))
     # Backward pass: for row k-1, the column whose removal explains D_k(S).
     mask = (1 << count) - 1  # (B,)
     bits = 1 << torch.arange(n, device=device).unsqueeze(1)  # (n, 1)
@@ -302,14 +339,263 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     return torch.where(row_valid, result, -1)
 
 
-def _assignment_compatible(prep: Prepared) -> Tensor:
-    """``(B,)`` bool: the problem is uniform on supports of equal size (or empty)."""
+def _argmin0(values: Tensor, index_f: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum over dim 0 and the first index attaining it (as float); ``index_f`` holds
+    ``arange(K)`` shaped to broadcast. Faster on CPUs than ``min(dim=0)`` over a short axis."""
+    low = values.amin(0, keepdim=True)
+    key = torch.add(index_f, torch.sign(values - low), alpha=values.shape[0])
+    return low[0], key.amin(0)
+
+
+def _select(tensors: tuple[Tensor, ...], index: Tensor) -> list[Tensor]:
+    """The problems ``index`` (last axis) of each tensor."""
+    return [t.index_select(t.dim() - 1, index) for t in tensors]
+
+
+def _write_back(full: tuple[Tensor, ...], work: tuple[Tensor, ...], index: Tensor | None
+                ) -> tuple[Tensor, ...]:
+    """Store a compacted working set (problems ``index``, or all when ``None``) into ``full``."""
+    if index is None:
+        return work
+    for dst, src in zip(full, work):
+        dst.index_copy_(dst.dim() - 1, index, src)
+    return full
+
+
+def flow_augmentation_bound(n: int, m: int) -> int:
+    """Augmentations that always suffice for :func:`transport_plan` on ``n`` x ``m`` problems.
+
+    A problem with ``n_a`` valid rows and ``n_b`` valid columns carries
+    :math:`\\operatorname{lcm}(n_a, n_b)` units of integer flow and every augmentation moves at
+    least one, so the bound is the largest such lcm.
+    """
+    bound = 0
+    for a in range(1, n + 1):
+        for b in range(1, m + 1):
+            bound = max(bound, a * b // math.gcd(a, b))
+    return bound
+
+
+@torch.no_grad()
+def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
+                   col_valid: Tensor | None = None) -> Tensor:
+    r"""Batched optimal transport plan between uniform weights on valid rows and valid columns.
+
+    Solves :math:`\min_\pi \sum_{ij} \pi_{ij} C_{ij}` over plans with row sums :math:`1/n_a` on
+    the ``n_a`` valid rows and column sums :math:`1/n_b` on the ``n_b`` valid columns -- any
+    sizes, so ``Q`` predicted samples against the ``m <= K`` valid neighbors of a border point.
+    Scaled by :math:`n_a n_b / g` (:math:`g = \gcd(n_a, n_b)`) this is an integer min-cost flow
+    (row supplies :math:`n_b/g`, column demands :math:`n_a/g`), solved exactly by successive
+    shortest paths: a Jonker-Volgenant start (column and row reductions, greedy flow on tight
+    arcs), then per round one multi-source Dijkstra over the ``n + m`` nodes of every problem
+    (reduced costs, duals updated after it) and one augmentation by the path's bottleneck. All
+    problems run together; finished ones are masked. On an accelerator (and under
+    ``torch.compile``) the schedule is fixed -- :func:`flow_augmentation_bound` rounds of
+    ``n + m`` Dijkstra steps -- with no host sync; on a CPU, where the check is free, rounds and
+    steps stop when no problem needs them and finished problems are dropped from the work.
+
+    Args:
+        cost: ``(B, n, m)`` finite costs, far below ``1e30`` in magnitude.
+        row_valid: ``(B, n)`` bool, rows carrying mass (default all).
+        col_valid: ``(B, m)`` bool, columns carrying mass (default all).
+
+    Returns:
+        ``(B, n, m)`` plan :math:`\pi` in ``cost``'s dtype: row sums :math:`1/n_a` on valid
+            rows, column sums :math:`1/n_b` on valid columns, 0 elsewhere and for empty problems.
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein.exact import transport_plan
+        >>> transport_plan(torch.tensor([[[0.0, 4.0], [1.0, 1.0], [4.0, 0.0]]])) * 6
+        tensor([[[2., 0.],
+                 [1., 1.],
+                 [0., 2.]]])
+    """
+    bsz, n, m = cost.shape
+    device, dtype, big = cost.device, cost.dtype, _BIG
+    if row_valid is None:
+        row_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
+    if col_valid is None:
+        col_valid = torch.ones(bsz, m, dtype=torch.bool, device=device)
+    if n == 0 or m == 0 or bsz == 0:
+        return cost.new_zeros(bsz, n, m)
+    early_exit = host_checks_free(device)
+    n_a, n_b = row_valid.sum(1), col_valid.sum(1)
+    gcd = torch.gcd(n_a, n_b).clamp_min(1)
+    total = (n_a * (n_b // gcd)).to(dtype).clamp_min(1.0)
+    # Problems run along the last axis: (row, column, problem) layout, as in `assignment`.
+    cost_t = cost.permute(1, 2, 0).contiguous()
+    row_f = row_valid.t().to(dtype).contiguous()
+    col_f = col_valid.t().to(dtype).contiguous()
+    excess = row_f * (n_b // gcd).to(dtype)  # supply left per row
+    deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
+    col_big = (1.0 - col_f) * big
+    flow = cost.new_zeros(n, m, bsz)
+    nodes_f = torch.arange(m + n, device=device, dtype=dtype).unsqueeze(1)  # columns, then rows
+    rows_f, cols_f = nodes_f[:n], nodes_f[:m]
+    rows_l, cols_l = rows_f.long(), cols_f.long()
+    every = torch.arange(bsz, device=device)
+    flat_flow, flat_excess, flat_deficit = flow.view(-1), excess.view(-1), deficit.view(-1)
+    big_t = cost.new_tensor(big)
+
+    # Start: v_j = min_i C_ij, greedy flow on those tight arcs; u_i = min_j C_ij - v_j, greedy.
+    v, best_row = _argmin0(cost_t + ((1.0 - row_f) * big).unsqueeze(1), rows_f.view(n, 1, 1))
+    v = v * col_f
+    for j in range(m):
+        i = best_row[j].long()
+        amount = torch.minimum(flat_excess.take(i * bsz + every), deficit[j]) * col_f[j]
+        flat_flow.index_add_(0, (i * m + j) * bsz + every, amount)
+        flat_excess.index_add_(0, i * bsz + every, -amount)
+        deficit[j] -= amount
+    reduced = (cost_t - v.unsqueeze(0) + col_big.unsqueeze(0)).transpose(0, 1)
+    u, best_col = _argmin0(reduced, cols_f.view(m, 1, 1))
+    u = u * row_f
+    for i in range(n):
+        j = best_col[i].long()
+        amount = torch.minimum(excess[i], flat_deficit.take(j * bsz + every)) * row_f[i]
+        flat_flow.index_add_(0, (i * m + j) * bsz + every, amount)
+        flat_deficit.index_add_(0, j * bsz + every, -amount)
+        excess[i] -= amount
+
+    rounds = None if early_exit else flow_augmentation_bound(n, m)
+    full_state = (cost_t, flow, u, v, excess, deficit, col_big)
+    cst, flw, u_w, v_w, exc, dfc, cbig = full_state
+    pid = None  # CPU: the problems still moving flow (compacted when half have finished)
+    width = bsz
+    done_rounds = 0
+    while rounds is None or done_rounds < rounds:
+        done_rounds += 1
+        src = (exc > 0.5).to(dtype)
+        active = src.amax(0)
+        if early_exit:
+            n_active = int(active.sum())
+            if n_active == 0:
+                break
+            if n_active <= _COMPACT_AT * width:
+                if pid is not None:
+                    _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
+                keep = active.nonzero().squeeze(1)
+                pid = keep if pid is None else pid.index_select(0, keep)
+                cst, flw, u_w, v_w, exc, dfc, cbig = _select(full_state, pid)
+                src, active = src.index_select(1, keep), active.index_select(0, keep)
+                width = n_active
+        # Multi-source Dijkstra on reduced costs C_ij - u_i - v_j >= 0: rows with supply left
+        # start at 0; row -> column arcs always exist, column -> row arcs where flow > 0 (tight,
+        # so of reduced cost 0). Nodes: columns 0..m-1, rows m..m+n-1. Problems without supply
+        # left start "found" and stay inert.
+        start = cst - u_w.unsqueeze(1) - v_w.unsqueeze(0) + ((1.0 - src) * big).unsqueeze(1)
+        d_col, pred_col = _argmin0(start, rows_f.view(n, 1, 1))
+        full = (
+            torch.cat([d_col + cbig, (1.0 - src) * big], 0),  # distances, (m + n, width)
+            torch.cat([torch.zeros_like(d_col), src], 0),  # visited
+            torch.cat([pred_col, torch.zeros_like(src)], 0),  # column: its row; row: its column
+            1.0 - active,  # found
+            cost.new_zeros(width),  # distance of the sink
+            cost.new_zeros(width),  # the sink column
+        )
+        wid = None  # CPU: the problems still searching (indices into the round's problems)
+        w_in = (cst, flw, u_w, v_w, dfc, cbig)
+        w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = w_in
+        w_dist, w_seen, w_pred, w_found, w_reach, w_sink = full
+        ww = -1
+        for _ in range(n + m):
+            if ww != w_found.shape[0]:  # index bases for this width
+                ww = w_found.shape[0]
+                wi = torch.arange(ww, device=device)
+                col_base = rows_l * (m * ww) + wi  # (n, ww): C / flow entry (i, 0) of problem
+                row_base = cols_l * ww + wi  # (m, ww): C entry (0, j)
+                flat_cst, flat_flw = w_cst.reshape(-1), w_flw.reshape(-1)
+                flat_dfc, flat_u = w_dfc.reshape(-1), w_u.reshape(-1)
+            val, idx = _argmin0(torch.addcmul(w_dist, w_seen, big_t), nodes_f)
+            searching = 1.0 - w_found
+            is_col = (idx < m).to(dtype)
+            j_l = idx.clamp_max(m - 1).long()
+            i_l = (idx - m).clamp_min(0).long()
+            free = (flat_dfc.take(j_l * ww + wi) > 0.5).to(dtype)
+            new = searching * is_col * free
+            w_sink = torch.lerp(w_sink, idx, new)
+            w_reach = torch.lerp(w_reach, val, new)
+            w_found = w_found + new
+            w_seen = torch.addcmul(w_seen, (nodes_f == idx).to(dtype), searching - new)
+            # a saturated column: its rows with flow are reached at the same distance (val is
+            # the smallest unvisited distance, so no unvisited row is closer)
+            via_col = (searching * is_col - new) > 0.5
+            col_flow = flat_flw.take(col_base + j_l * ww)
+            to_row = (col_flow > 0.5) & (w_seen[m:] < 0.5) & via_col
+            # a row: relax every column
+            via_row = (searching * (1.0 - is_col)) > 0.5
+            row = flat_cst.take(row_base + i_l * (m * ww)) - flat_u.take(i_l * ww + wi) - w_v
+            cand = row.add_(w_cbig).add_(val)
+            d_col = w_dist[:m]
+            to_col = (cand < d_col) & (w_seen[:m] < 0.5) & via_row
+            w_dist = torch.cat([torch.where(to_col, cand, d_col),
+                                torch.where(to_row, val, w_dist[m:])])
+            w_pred = torch.cat([torch.where(to_col, idx - m, w_pred[:m]),
+                                torch.where(to_row, idx, w_pred[m:])])
+            if early_exit:
+                left = int((w_found < 0.5).sum())
+                if left == 0:
+                    break
+                if left <= _COMPACT_AT * ww:  # compact: write back the finished, keep the rest
+                    work = (w_dist, w_seen, w_pred, w_found, w_reach, w_sink)
+                    full = _write_back(full, work, wid)
+                    keep = (w_found < 0.5).nonzero().squeeze(1)
+                    wid = keep if wid is None else wid.index_select(0, keep)
+                    w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = _select(w_in, wid)
+                    w_dist, w_seen, w_pred, w_found, w_reach, w_sink = _select(work, keep)
+        full = _write_back(full, (w_dist, w_seen, w_pred, w_found, w_reach, w_sink), wid)
+        dist, seen, pred, found, reach, sink = full
+        # Duals: visited nodes move by (sink distance - their distance); arcs stay >= 0.
+        shift = seen * (reach - dist).clamp_min(0.0)
+        u_w += shift[m:]
+        v_w -= shift[:m]
+        # Augment along the path sink <- row <- column <- ... <- source by its bottleneck.
+        wi = torch.arange(width, device=device)
+        going = (found > 0.5) & (active > 0.5)
+        sink_l = sink.long()
+        delta = torch.where(going, dfc.reshape(-1).take(sink_l * width + wi), 0.0)
+        col = sink_l
+        flat_f, flat_p = flw.reshape(-1), pred.reshape(-1)
+        flat_e, flat_s = exc.reshape(-1), src.reshape(-1)
+        path = []
+        arrived = torch.zeros_like(going)
+        for _ in range(min(n, m)):
+            row_i = flat_p.take(col * width + wi).long()
+            at_source = going & (flat_s.take(row_i * width + wi) > 0.5)
+            delta = torch.where(at_source,
+                                torch.minimum(delta, flat_e.take(row_i * width + wi)), delta)
+            arrived = arrived | at_source
+            onward = going & ~at_source
+            back = flat_p.take((row_i + m) * width + wi).long()
+            delta = torch.where(
+                onward, torch.minimum(delta, flat_f.take((row_i * m + back) * width + wi)), delta)
+            path.append((row_i, col, back, going, at_source))
+            col = torch.where(onward, back, col)
+            going = onward
+            if early_exit and not bool(going.any()):
+                break
+        delta = torch.where(arrived, delta, 0.0)
+        dfc -= (cols_f == sink).to(dtype) * delta
+        for row_i, col, back, on_path, at_source in path:
+            flat_f.index_add_(0, (row_i * m + col) * width + wi, torch.where(on_path, delta, 0.0))
+            flat_e.index_add_(0, row_i * width + wi, -torch.where(at_source, delta, 0.0))
+            flat_f.index_add_(0, (row_i * m + back) * width + wi,
+                              -torch.where(on_path & ~at_source, delta, 0.0))
+    if pid is not None:
+        _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
+    return (flow / total).permute(2, 0, 1)
+
+
+def _weight_classes(prep: Prepared) -> tuple[Tensor, Tensor]:
+    """``(B,)`` bools ``(uniform, equal)``: both sides carry uniform weights on their supports
+    (0/1 masks, or none), and the supports have equal sizes. Empty problems count as both."""
     a, b = prep.a, prep.b
     na, nb = (a > 0).sum(-1).to(a.dtype), (b > 0).sum(-1).to(b.dtype)
     tol = 1e-5 if a.dtype == torch.float32 else 1e-10
     ua = ((a - 1.0 / na.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (a == 0)
     ub = ((b - 1.0 / nb.clamp_min(1).unsqueeze(-1)).abs() <= tol) | (b == 0)
-    return ((na == nb) & ua.all(-1) & ub.all(-1)) | ~prep.nonempty
+    empty = ~prep.nonempty
+    return (ua.all(-1) & ub.all(-1)) | empty, (na == nb) | empty
 
 
 def _subset(prep: Prepared, index: Tensor) -> Prepared:
@@ -319,14 +605,34 @@ def _subset(prep: Prepared, index: Tensor) -> Prepared:
     )
 
 
-def _solve_mixed(prep: Prepared, p: float, compatible: Tensor) -> Tensor:
-    """Assignment solver where the weights allow it, transport solver elsewhere."""
-    fast = compatible.nonzero().squeeze(1)
-    slow = (~compatible).nonzero().squeeze(1)
-    values_fast = _solve_assignment(_subset(prep, fast), p)
-    values_slow = _solve_transport(_subset(prep, slow), p)
-    values = values_fast.new_zeros(prep.x.shape[0])
-    return values.index_put((fast,), values_fast).index_put((slow,), values_slow)
+def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Tensor:
+    """Per problem (host-side routing, for when reading the flags costs nothing): the assignment
+    solver for equal uniform supports, the device flow solver for unequal uniform ones, POT for
+    general weights."""
+    groups = (
+        (uniform & equal, _solve_assignment),
+        (uniform & ~equal, _solve_flow),
+        (~uniform, _solve_transport),
+    )
+    values = prep.x.new_zeros(prep.x.shape[0])
+    for chosen, solve in groups:
+        index = chosen.nonzero().squeeze(1).to(prep.x.device)
+        if index.numel() == prep.x.shape[0]:
+            return solve(prep, p)
+        if index.numel():
+            values = values.index_put((index,), solve(_subset(prep, index), p))
+    return values
+
+
+def _solve_flow(prep: Prepared, p: float) -> Tensor:
+    """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports."""
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    with torch.no_grad():
+        xc, yc = center(x.detach(), y.detach(), b)
+        cost = pairwise_cost(xc, yc, p)
+        plan = transport_plan(cost, a > 0, b > 0)
+    xc, yc = center(x, y, b)
+    return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
 
 
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
@@ -421,15 +727,22 @@ def exact_wasserstein(
         x_weights: ``(..., N)`` non-negative weights (0 = masked out); ``None`` = uniform.
         y_weights: ``(..., M)`` same for ``y``.
         p: cost exponent, ``>= 1``.
-        solver: ``"assignment"`` (batched Hungarian on the device; requires uniform weights on
-            supports of equal size), ``"transport"`` (POT ``ot.emd`` per problem on the host, any
-            weights), or ``"auto"``: per problem, the assignment solver where the weights allow
-            it and the transport one elsewhere. With weights given, ``"auto"`` decides with one
-            host sync; pass ``"assignment"`` in training loops to avoid it (then every problem
-            must qualify, e.g. predicted samples masked like their targets).
-        check_finite: check for NaN/Inf points and negative weights, and (for
-            ``"assignment"``) that the weights allow it -- one host sync; pass ``False`` to skip.
-            (Named like this for every estimator; it also checks the weights.)
+        solver: ``"auto"`` (default): equal uniform supports go to the assignment solver,
+            unequal uniform ones (masks) to the device min-cost flow, general weights to POT on
+            the host -- chosen per problem where that costs no host sync (CPU eager, or
+            ``check_finite=True``); on accelerators and under ``torch.compile`` with
+            ``check_finite=False``, masks only (every problem goes to the flow solver; other
+            weights fail a device-side assert). ``"assignment"``: batched subset DP / Hungarian
+            on the device, for uniform weights on supports of equal size (e.g. predicted samples
+            masked like their targets, ``match_mask=True``); the fastest fixed schedule on
+            accelerators. ``"flow"``: the device min-cost flow (:func:`transport_plan`) for
+            uniform weights on any supports. ``"transport"``: POT ``ot.emd`` per problem on the
+            host, any weights. A solver given weights it cannot handle raises
+            :class:`~ctxpred.errors.ValueRangeError` (CPU, or ``check_finite=True``) or fails a
+            device-side assert (accelerators: the error surfaces at the next synchronization).
+        check_finite: check for NaN/Inf points and negative weights -- one host sync; pass
+            ``False`` in training loops. (Named like this for every estimator; it also checks the
+            weights.)
 
     Returns:
         ``(...)`` values :math:`W_p^p`, in ``x``'s dtype (computed in float32 or float64).
@@ -445,40 +758,60 @@ def exact_wasserstein(
         >>> exact_wasserstein(x, y, mask.float(), torch.tensor([0.0, 1.0]))
         tensor(1.)
     """
-    if solver not in ("auto", "assignment", "transport"):
+    if solver not in ("auto", "assignment", "flow", "transport"):
         raise ValueRangeError(
-            f"solver must be 'auto', 'assignment' or 'transport', got {solver!r}"
+            f"solver must be 'auto', 'assignment', 'flow' or 'transport', got {solver!r}"
         )
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
     with float32_core(prep.x.device):
-        if solver == "auto":
-            if not prep.weighted:
-                solver = "assignment" if x.shape[-2] == y.shape[-2] else "transport"
-            else:
-                compatible = _assignment_compatible(prep)
-                n_compatible = int(compatible.sum())  # the one host sync of "auto"
-                if n_compatible == compatible.numel():
-                    solver = "assignment"
-                elif n_compatible == 0:
-                    solver = "transport"
-                else:
-                    return restore(_solve_mixed(prep, p, compatible), prep)
-        elif (
-            solver == "assignment" and check_finite and not bool(_assignment_compatible(prep).all())
-        ):
-            raise ValueRangeError(
-                "solver='assignment' needs uniform weights on supports of equal size in every "
-                "problem (e.g. equal 0/1 masks counts); use solver='transport' or 'auto'"
-            )
-        if solver == "assignment":
-            values = _solve_assignment(prep, p)
-        else:
-            values = _solve_transport(prep, p)
-    return restore(values, prep)
+        # Reading per-problem flags on the host is free on a CPU in eager mode, and already paid
+        # for when check_finite=True (that check syncs); elsewhere nothing may wait for the device.
+        routable = check_finite or host_checks_free(prep.x.device)
+        if not prep.weighted and solver in ("auto", "flow"):
+            if solver == "auto" and x.shape[-2] == y.shape[-2]:
+                return restore(_solve_assignment(prep, p), prep)
+            return restore(_solve_flow(prep, p), prep)
+        if not prep.weighted or solver == "transport":
+            solve = _solve_assignment if solver == "assignment" else _solve_transport
+            if solver == "assignment" and x.shape[-2] != y.shape[-2]:
+                raise ValueRangeError(_ASSIGNMENT_NEEDS)
+            return restore(solve(prep, p), prep)
+        uniform, equal = _weight_classes(prep)
+        if solver == "auto" and routable:
+            flags = torch.stack([uniform, equal]).cpu()  # free here (see above)
+            return restore(_solve_mixed(prep, p, flags[0], flags[1]), prep)
+        ok = uniform & equal if solver == "assignment" else uniform
+        message = _ASSIGNMENT_NEEDS if solver == "assignment" else _FLOW_NEEDS
+        if routable:
+            if not bool(ok.all()):
+                raise ValueRangeError(message)
+        else:  # no host sync: a device-side assert (it fails the call asynchronously)
+            torch._assert_async(ok.all(), message)
+        solve = _solve_assignment if solver == "assignment" else _solve_flow
+        return restore(solve(prep, p), prep)
+
+
+_ASSIGNMENT_NEEDS = (
+    "solver='assignment' needs uniform weights on supports of equal size in every problem (e.g. "
+    "0/1 masks with equal counts on both sides); use solver='auto' or 'flow' for unequal "
+    "supports, 'transport' for general weights"
+)
+_FLOW_NEEDS = (
+    "solver='flow' (and 'auto' with check_finite=False on an accelerator or under torch.compile) "
+    "needs uniform weights on each side's support (0/1 masks); for general weights use "
+    "solver='transport' (POT on the host), or 'auto' with check_finite=True"
+)
 
 
 class ExactWasserstein(EstimatorModule):
     r"""Module form of :func:`exact_wasserstein` (no parameters).
+
+    Args:
+        p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
+        solver: ``"auto"``, ``"assignment"``, ``"flow"`` or ``"transport"`` (see
+            :func:`exact_wasserstein`).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
