@@ -1,11 +1,11 @@
 """Attach context-prediction losses to named layers of any model, through forward hooks.
 
-::
-
-    predictor = ctxpred.attach(unet, {"up_blocks.1": loss_a, "up_blocks.2": loss_b})
-    eps_hat = unet(x_t, t).sample                   # hooks capture the two block outputs
-    loss = mse(eps_hat, eps) + predictor.loss(target=x0)
-    loss.backward()                                  # grads reach the backbone and the heads
+```python
+predictor = ctxpred.attach(unet, {"up_blocks.1": loss_a, "up_blocks.2": loss_b})
+eps_hat = unet(x_t, t).sample                   # hooks capture the two block outputs
+loss = mse(eps_hat, eps) + predictor.loss(target=x0)
+loss.backward()                                 # grads reach the backbone and the heads
+```
 
 Contract:
 

@@ -8,9 +8,11 @@ where :math:`P_{b,i}^{s}` is the uniform distribution over the *valid* (in-grid)
 point ``i`` at stride ``s``, :math:`\hat P` the head's prediction, :math:`V_b^s` the query points
 of sample ``b`` with at least one valid neighbor at stride ``s`` (a point without one contributes
 nothing, and a sample without one contributes 0), and ``D`` the head's own divergence
-(``head.divergence``, see :mod:`ctxpred.heads`). The loss only orchestrates::
+(``head.divergence``, see :mod:`ctxpred.heads`). The loss only orchestrates:
 
-    layout (ctxpred._layout) -> neighbors -> head(z) -> head.divergence -> reduce_context_loss
+```text
+layout (ctxpred._layout) -> neighbors -> head(z) -> head.divergence -> reduce_context_loss
+```
 
 It knows no concrete head class: any :class:`~ctxpred.heads.base.ContextHead` subclass plugs in.
 

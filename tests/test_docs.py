@@ -235,30 +235,24 @@ def _rst_extension():
     return module
 
 
-def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
+def test_rst_extension_rewrites_math_roles_and_dashes() -> None:
     import griffe
 
     ext = _rst_extension()
     text = "\n".join([
         "Intro :math:`W_p^p` and :func:`neighbors`, :class:`~ctxpred.heads.NaiveHead`,",
-        ":func:`_private_helper`.",
+        ":func:`_private_helper` -- a dash, ``a -- b`` in code.",
         "",
         ".. math::",
         "    a = b",
         "",
-        "=====  =======",
-        "name   what",
-        "=====  =======",
-        "x      first",
-        "y      second",
-        "=====  =======",
-        "",
-        "Usage::",
-        "",
-        "    f(x)",
+        "```python",
+        "x = 1 -- 2  # fenced code is left alone::",
+        "```",
         "",
         "Example:",
-        "    >>> 1",
+        "    >>> 1 -- 2",
+        "    3",
     ])
     loader = griffe.GriffeLoader()
     package = loader.load("ctxpred")
@@ -268,15 +262,33 @@ def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
     assert "[`neighbors`][ctxpred.neighborhoods.neighbors]" in out
     assert "[`NaiveHead`][ctxpred.heads.naive.NaiveHead]" in out
     assert "`_private_helper`" in out and "[`_private_helper`]" not in out
-    assert "| name | what |\n|---|---|\n| x | first |\n| y | second |" in out
-    assert "Usage:\n\n```python\nf(x)\n```" in out
-    assert "Examples:\n    >>> 1" in out
-    with pytest.raises(ValueError, match="splits into 3 cells"):
-        extension._rewrite("===  ===\na    b\n===  ===\nx  y  z\n===  ===", package, loader)
+    assert "`_private_helper` \u2014 a dash, ``a -- b`` in code." in out
+    assert "x = 1 -- 2  # fenced code is left alone::" in out
+    assert "Examples:\n    >>> 1 -- 2\n    3" in out
     unlisted = ext.RstDocstrings(link_modules=["ctxpred.heads"])
     assert unlisted._rewrite(":func:`neighbors`", package["neighborhoods"], loader) == (
         "`neighbors`"
     )
+
+
+@pytest.mark.parametrize("construct", [
+    "=====  =====\nname   what\n=====  =====\nx      y\n=====  =====",  # a simple table
+    "Usage::\n\n    f(x)",  # a literal block
+    ".. note::\n    careful",  # a directive other than math
+    "See `the paper <https://x.org>`_.",  # an RST link
+    "See :ref:`install`.",  # a role without a rendering
+])
+def test_rst_extension_fails_loudly_on_unsupported_rst(construct: str) -> None:
+    import griffe
+
+    loader = griffe.GriffeLoader()
+    package = loader.load("ctxpred")
+    extension = _rst_extension().RstDocstrings(link_modules=[])
+    with pytest.raises(ValueError, match=r"ctxpred\.neighborhoods uses .* does not render"):
+        extension._rewrite(f"Summary.\n\n{construct}\n", package["neighborhoods"], loader)
+    # the same text as code is fine
+    fenced = "Summary.\n\n```text\n" + construct + "\n```\n"
+    assert construct in extension._rewrite(fenced, package["neighborhoods"], loader)
 
 
 def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Path) -> None:

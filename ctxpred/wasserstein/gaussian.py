@@ -8,7 +8,7 @@ With weighted means :math:`m_x, m_y` and (biased, weighted) covariances :math:`S
 
 (the Bures metric). With :math:`S_x = P^\top P`, :math:`P = \operatorname{diag}(\sqrt a)(X - m_x)`
 and likewise :math:`S_y = Q^\top Q`, the last trace is the nuclear norm :math:`\|P Q^\top\|_*` of an
-``N x M`` matrix -- so no ``D x D`` matrix square root is formed, it is cheap for few points in
+``N x M`` matrix — so no ``D x D`` matrix square root is formed, it is cheap for few points in
 high dimension, and its gradient stays finite for rank-deficient covariances (``N <= D``).
 ``covariance="diag"`` keeps only the variances: :math:`\|m_x - m_y\|^2 + \sum_d (\sigma_{x,d} -
 \sigma_{y,d})^2`. It is a lower bound of the exact :math:`W_2^2` (a different, moment-only

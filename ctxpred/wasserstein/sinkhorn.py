@@ -16,8 +16,8 @@ over-relaxed (:math:`f \leftarrow (1-\omega) f + \omega\, T(f)`, Thibault et al.
 :math:`\varepsilon` decreasing geometrically (``scaling``) from the problem's cost diameter to its
 target, for a *fixed* number of ``iterations`` (no convergence test, so no host sync). The plan
 :math:`\pi_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` is computed without autograd and
-rounded onto :math:`\Pi(a, b)` (Altschuler et al. 2017), so the value returned -- its transport
-cost :math:`\langle \pi, C(x, y)\rangle` -- is the cost of a feasible plan: an estimate of
+rounded onto :math:`\Pi(a, b)` (Altschuler et al. 2017), so the value returned — its transport
+cost :math:`\langle \pi, C(x, y)\rangle` — is the cost of a feasible plan: an estimate of
 :math:`W_p^p` from above. It is differentiated with :math:`\pi` held fixed: by the envelope
 theorem that is the gradient of :math:`\mathrm{OT}_\varepsilon` (not of the plan's cost), at the
 memory cost of one cost matrix (no unrolled iterations). With ``debias=True`` it returns the
