@@ -128,6 +128,14 @@ class ModelWithHeads(nn.Module):
 class ContextPredictor:
     """Hooks, captured outputs and heads of :func:`attach` (see the module docstring).
 
+    Built by :func:`attach`, which takes the same arguments.
+
+    Args:
+        model: the model to hook, any ``nn.Module``; only forward hooks are added to it.
+        losses: ``{name in model.named_modules(): ContextPredictionLoss}``, one per hooked layer.
+        selectors: how to pick the tensor from a layer output that is not a tensor (see
+            :func:`attach`); ``None`` when every hooked layer returns a tensor.
+
     Attributes:
         model: the hooked model.
         loss_modules: ``{layer name: ContextPredictionLoss}``.

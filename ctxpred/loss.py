@@ -133,12 +133,15 @@ class ContextPredictionLoss(nn.Module):
         estimator: Wasserstein estimator handed to ``head.divergence`` (a registered name, a
             module or a callable ``(x, y, x_weights, y_weights) -> W_p^p``); ``None`` =
             :data:`ctxpred.wasserstein.LOSS_ESTIMATOR` (``"sinkhorn"``, see the module doc).
-        weight: ``lambda``.
+        weight: ``lambda``, the factor of this layer's loss; the docs' examples use ``0.1``
+            (the Tuning page says how to check it on your model).
         stride_weights: ``w_s`` per stride (default ``1/S`` each).
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
         grid_shape: token grid ``(h, w)`` of ``(B, L, C)`` features.
-        resize: how a target is brought to the layer grid.
+        resize: how a target is brought to the layer grid: ``"auto"`` (area averaging when
+            shrinking, (bi/tri)linear otherwise, nearest for ids), ``"area"``, ``"bilinear"``,
+            ``"nearest"``, or ``"none"`` (the target's grid must equal the layer's).
         estimator_options: keyword options for a named estimator, e.g.
             ``{"iterations": 10}`` for ``"sinkhorn"`` (``check_finite=False`` is preset).
         match_mask: for sampling heads with ``num_samples == K_s``: mask the samples like their

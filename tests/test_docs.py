@@ -291,6 +291,52 @@ def test_rst_extension_fails_loudly_on_unsupported_rst(construct: str) -> None:
     assert construct in extension._rewrite(fenced, package["neighborhoods"], loader)
 
 
+def _documented_args(doc: str) -> set[str]:
+    """The names of a Google-style ``Args:`` section (entries one indent level deeper)."""
+    match = re.search(r"^Args:\n((?:[ \t]+.*\n|\n)+)", doc + "\n", re.MULTILINE)
+    if match is None:
+        return set()
+    body = match.group(1)
+    indent = min(len(line) - len(line.lstrip()) for line in body.split("\n") if line.strip())
+    return {m.group(1) for m in re.finditer(rf"^ {{{indent}}}\*{{0,2}}(\w+)\b[^\n]*?:", body,
+                                            re.MULTILINE)}
+
+
+def _public_classes() -> list[type]:
+    import ctxpred.heads
+    import ctxpred.neighborhoods
+    import ctxpred.wasserstein
+
+    found: dict[str, type] = {}
+    for module in (ctxpred, ctxpred.heads, ctxpred.neighborhoods, ctxpred.wasserstein):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            # exceptions and named tuples document their fields, not constructor arguments
+            if (isinstance(obj, type) and obj.__init__ is not object.__init__
+                    and not issubclass(obj, (BaseException, tuple))):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+@pytest.mark.parametrize("cls", _public_classes(), ids=lambda c: c.__qualname__)
+def test_every_constructor_argument_is_documented(cls: type) -> None:
+    """The class docstring's ``Args:`` names every ``__init__`` argument (the API pages merge
+    ``__init__`` into the class, so that is where a reader finds them)."""
+    import inspect
+
+    params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [p for p in params if p not in _documented_args(inspect.getdoc(cls) or "")]
+    assert not missing, f"{cls.__qualname__}: Args section lacks {missing}"
+
+
+def test_documented_args_parser() -> None:
+    doc = ("Summary.\n\nArgs:\n    a: one.\n        more: not an arg.\n    b (int): two.\n\n"
+           "Shape:\n    c: no.")
+    assert _documented_args(doc) == {"a", "b"}
+    assert _documented_args("No args.") == set()
+
+
 def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("results_hook", DOCS / "_ext/results_hook.py")
     hook = importlib.util.module_from_spec(spec)

@@ -478,7 +478,14 @@ def exact_wasserstein(
 
 
 class ExactWasserstein(EstimatorModule):
-    r"""Module form of :func:`exact_wasserstein` (no parameters).
+    r"""Module form of :func:`exact_wasserstein`, its options fixed (no learnable parameters).
+
+    Args:
+        p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
+        solver: ``"auto"``, ``"assignment"`` or ``"transport"`` (see
+            :func:`exact_wasserstein`).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.

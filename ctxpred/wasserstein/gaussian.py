@@ -174,7 +174,13 @@ def gaussian_w2(mean_x: Tensor, cov_x: Tensor, mean_y: Tensor, cov_y: Tensor) ->
 
 
 class GaussianWasserstein(EstimatorModule):
-    r"""Module form of :func:`gaussian_wasserstein` (no parameters).
+    r"""Module form of :func:`gaussian_wasserstein`, its options fixed (no learnable parameters).
+
+    Args:
+        covariance: ``"full"`` (Bures term, computed as a nuclear norm -- no ``D x D`` square
+            root) or ``"diag"`` (per-coordinate variances only).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
