@@ -139,9 +139,7 @@ class ContextPredictionLoss(nn.Module):
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
         grid_shape: token grid ``(h, w)`` of ``(B, L, C)`` features.
-        resize: how a target is brought to the layer grid: ``"auto"`` (area averaging when
-            shrinking, (bi/tri)linear otherwise, nearest for ids), ``"area"``, ``"bilinear"``,
-            ``"nearest"``, or ``"none"`` (the target's grid must equal the layer's).
+        resize: how a target is brought to the layer grid.
         estimator_options: keyword options for a named estimator, e.g.
             ``{"iterations": 10}`` for ``"sinkhorn"`` (``check_finite=False`` is preset).
         match_mask: for sampling heads with ``num_samples == K_s``: mask the samples like their
