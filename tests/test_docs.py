@@ -461,6 +461,33 @@ def test_site_text_has_no_raw_tex_or_rst_roles(built_site: Path) -> None:
     assert not raw, "raw TeX or RST roles in the rendered text:\n" + "\n".join(raw)
 
 
+def test_every_public_name_is_rendered_on_an_api_page(built_site: Path) -> None:
+    """Each name of the public modules' ``__all__`` has its entry (an anchor at its canonical
+    path) on an API page: a ``members:`` list or filter that drops one fails here."""
+    import inspect
+
+    anchors = set()
+    for page in (built_site / "api").rglob("index.html"):
+        anchors |= set(re.findall(r'id="(ctxpred\.[\w.]+)"', page.read_text()))
+    modules = ["ctxpred", "ctxpred.functional", "ctxpred.attach", "ctxpred.loss", "ctxpred.heads",
+               "ctxpred.neighborhoods", "ctxpred.wasserstein", "ctxpred.errors"]
+    missing = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr in module.__all__:
+            obj = getattr(module, attr)
+            if inspect.ismodule(obj) or attr == "__version__":
+                continue
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__.startswith(
+                    "ctxpred"):
+                path = f"{obj.__module__}.{obj.__qualname__}"
+            else:  # constants and type aliases: documented where they are defined
+                path = f"{name}.{attr}"
+            if path not in anchors:
+                missing.append(f"{name}.{attr} ({path})")
+    assert not missing, "public names without an entry on an API page:\n" + "\n".join(missing)
+
+
 def test_page_scan_sees_external_assets_and_raw_text() -> None:
     scan = _PageScan()
     scan.feed('<link rel="stylesheet" href="https://cdn/x.css"><script src="//cdn/m.js"></script>'
