@@ -126,7 +126,7 @@ class ModelWithHeads(nn.Module):
 
 
 class ContextPredictor:
-    """Hooks, captured outputs and heads of :func:`attach` (see the module docstring).
+    """Hooks, captured outputs and heads of :func:`attach` (the contract: :mod:`ctxpred.attach`).
 
     Built by :func:`attach`, which takes the same arguments.
 
