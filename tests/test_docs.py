@@ -420,7 +420,8 @@ def _built_pages(site: Path) -> list[Path]:
 
 
 _EXTERNAL = re.compile(r"^(https?:)?//", re.IGNORECASE)
-_RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`")
+# raw TeX, an RST role, an unresolved cross-reference ([title][ctxpred.x]) or an ASCII dash
+_RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`|\]\[[\w.]+\]|\w -- \w")
 
 
 def test_site_loads_nothing_from_the_network(built_site: Path) -> None:
@@ -458,7 +459,8 @@ def test_site_text_has_no_raw_tex_or_rst_roles(built_site: Path) -> None:
         raw += [f"{page.relative_to(built_site)}: ...{text[max(0, m.start() - 40):m.end() + 40]}..."
                 for m in _RAW.finditer(text)]
     assert math_pages >= 3, "the method and API pages have formulas: arithmatex found none"
-    assert not raw, "raw TeX or RST roles in the rendered text:\n" + "\n".join(raw)
+    assert not raw, "raw TeX, RST roles, unresolved references or ' -- ' in the text:\n" + (
+        "\n".join(raw))
 
 
 def test_every_public_name_is_rendered_on_an_api_page(built_site: Path) -> None:
@@ -492,11 +494,12 @@ def test_page_scan_sees_external_assets_and_raw_text() -> None:
     scan = _PageScan()
     scan.feed('<link rel="stylesheet" href="https://cdn/x.css"><script src="//cdn/m.js"></script>'
               '<p>a \\(x\\) <code>\\(ok\\)</code><span class="arithmatex">\\(ok\\)</span>'
-              '<br>:class:`Y`</p>')
+              '<br>:class:`Y` [<code>a</code>][ctxpred.a] b -- c</p>')
     assert scan.scripts == ["//cdn/m.js"] and scan.stylesheets == ["https://cdn/x.css"]
     assert all(_EXTERNAL.match(u) for u in scan.scripts + scan.stylesheets)
     assert not _EXTERNAL.match("../assets/javascripts/bundle.js")
-    assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == ["\\(", ":class:`"]
+    assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == [
+        "\\(", ":class:`", "][ctxpred.a]", "b -- c"]
 
 
 if __name__ == "__main__":
