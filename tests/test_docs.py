@@ -241,6 +241,7 @@ def test_rst_extension_rewrites_math_roles_and_dashes() -> None:
     ext = _rst_extension()
     text = "\n".join([
         "Intro :math:`W_p^p` and :func:`neighbors`, :class:`~ctxpred.heads.NaiveHead`,",
+        ":mod:`ctxpred.neighborhoods` and :mod:`~ctxpred.neighborhoods`,",
         ":func:`_private_helper` -- a dash, ``a -- b`` in code.",
         "",
         ".. math::",
@@ -261,6 +262,8 @@ def test_rst_extension_rewrites_math_roles_and_dashes() -> None:
     assert "$W_p^p$" in out and "$$\na = b\n$$" in out
     assert "[`neighbors`][ctxpred.neighborhoods.neighbors]" in out
     assert "[`NaiveHead`][ctxpred.heads.naive.NaiveHead]" in out
+    assert "[`ctxpred.neighborhoods`][ctxpred.neighborhoods]" in out
+    assert "[`neighborhoods`][ctxpred.neighborhoods]," in out
     assert "`_private_helper`" in out and "[`_private_helper`]" not in out
     assert "`_private_helper` \u2014 a dash, ``a -- b`` in code." in out
     assert "x = 1 -- 2  # fenced code is left alone::" in out

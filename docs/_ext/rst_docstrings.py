@@ -10,7 +10,8 @@ touching the source files:
 * ``:func:`name```, ``:class:``, ``:meth:``, ``:mod:``, ``:attr:``, ``:exc:``, ``:data:`` ->
   a cross-reference when ``name`` resolves to a public object of a module listed in
   ``link_modules`` (pages that render all its public members), otherwise inline code, so a
-  reference can never break ``mkdocs build --strict``;
+  reference can never break ``mkdocs build --strict``; it shows the last component of the
+  name, except for a module (``:mod:`ctxpred.heads``` shows ``ctxpred.heads``);
 * a lone ``Example:`` heading   -> ``Examples:`` so doctest lines become highlighted code;
 * `` -- `` between words         -> an em dash (outside code).
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import griffe
 
-_ROLE = re.compile(r":(func|class|meth|mod|attr|exc|data|obj):`~?([^`]+)`")
+_ROLE = re.compile(r":(func|class|meth|mod|attr|exc|data|obj):`(~?)([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
 _UNSUPPORTED = (
@@ -159,13 +160,20 @@ class RstDocstrings(griffe.Extension):
     def _rewrite(self, text: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
         text = _math_blocks(text)
         text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
-        text = _ROLE.sub(lambda m: self._reference(m.group(2), obj, loader), text)
+        text = _ROLE.sub(
+            lambda m: self._reference(m.group(3), obj, loader, full=m[1] == "mod" and not m[2]),
+            text,
+        )
         text = _dashes(_EXAMPLE.sub(r"\1Examples:", text))
         check_supported(text, obj.path)
         return text
 
-    def _reference(self, name: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
-        title = name.rsplit(".", 1)[-1] if "." in name else name
+    def _reference(
+        self, name: str, obj: griffe.Object, loader: griffe.GriffeLoader, full: bool = False
+    ) -> str:
+        """A module keeps its dotted name (``:mod:`~a.b``` shows ``b``); any other object shows
+        its last component."""
+        title = name if full else name.rsplit(".", 1)[-1]
         target = self._resolve(name, obj, loader)
         if target is None:
             return f"`{title}`"
