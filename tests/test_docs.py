@@ -490,7 +490,12 @@ def test_every_public_name_is_rendered_on_an_api_page(built_site: Path) -> None:
                 path = f"{name}.{attr}"
             if path not in anchors:
                 missing.append(f"{name}.{attr} ({path})")
+    functional = importlib.import_module("ctxpred.functional")
+    missing += [f"ctxpred.functional.{n} (functional page)" for n in functional.__all__
+                if f"ctxpred.functional.{n}" not in anchors]
     assert not missing, "public names without an entry on an API page:\n" + "\n".join(missing)
+    dunders = sorted(a for a in anchors if re.search(r"\.__\w+__$", a))
+    assert not dunders, f"API pages render module internals: {dunders}"
 
 
 def test_page_scan_sees_external_assets_and_raw_text() -> None:
