@@ -70,8 +70,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             columns as valid rows (not checked here).
 
     Returns:
-        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It minimizes
-        :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
+        ``(B, n)`` long: the column matched to each row, ``-1`` for invalid rows. It
+            minimizes :math:`\sum_i C_{i\sigma(i)}` over the valid rows.
 
     Example:
         >>> import torch
