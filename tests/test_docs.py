@@ -340,6 +340,37 @@ def test_documented_args_parser() -> None:
     assert _documented_args("No args.") == set()
 
 
+def _returns_entries(source: str) -> list[list[str]]:
+    """The entry lines of each ``Returns:`` section of a source file (one indent deeper)."""
+    lines = source.split("\n")
+    sections = []
+    for i, line in enumerate(lines):
+        if line.strip() != "Returns:":
+            continue
+        indent = len(line) - len(line.lstrip())
+        entries, j = [], i + 1
+        while j < len(lines) and (
+            not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
+            if lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) == indent + 4:
+                entries.append(lines[j].strip())
+            j += 1
+        sections.append(entries)
+    return sections
+
+
+def test_returns_sections_have_one_entry() -> None:
+    """A continuation line of a return value is indented; otherwise the rendered Returns table
+    splits one value into two rows (seen on the API pages)."""
+    split = [f"{path.relative_to(ROOT)}: {entries}"
+             for path in sorted((ROOT / "ctxpred").rglob("*.py"))
+             for entries in _returns_entries(path.read_text()) if len(entries) != 1]
+    assert not split, "Returns sections with more than one entry:\n" + "\n".join(split)
+    broken = "Returns:\n    ``x``: the\n    rest.\n\nExample:\n    >>> 1\n"
+    assert _returns_entries(broken) == [["``x``: the", "rest."]]
+    assert _returns_entries(broken.replace("    rest", "        rest")) == [["``x``: the"]]
+
+
 def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("results_hook", DOCS / "_ext/results_hook.py")
     hook = importlib.util.module_from_spec(spec)
