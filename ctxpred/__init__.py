@@ -1,8 +1,10 @@
 """ctxpred — context prediction (ConPreDiff) for any diffusion model.
 
-The pipeline, one way::
+The pipeline, one way:
 
-    _layout -> neighborhoods -> heads (+ their divergence) -> loss (reduce) <- attach
+```text
+_layout -> neighborhoods -> heads (+ their divergence) -> loss (reduce) <- attach
+```
 
 A backbone's tensors -> :mod:`ctxpred.neighborhoods` (gather the multi-stride context and its
 validity mask) -> :mod:`ctxpred.heads` (predict a neighborhood distribution per point, and

@@ -1,8 +1,10 @@
 """Deprecated names: a module-level ``__getattr__`` that warns and forwards (private).
 
-A renamed or moved public name keeps working for one release::
+A renamed or moved public name keeps working for one release:
 
-    __getattr__ = deprecated_names(__name__, {"OldName": ("ctxpred.module", "NewName")})
+```python
+__getattr__ = deprecated_names(__name__, {"OldName": ("ctxpred.module", "NewName")})
+```
 
 ``from module import OldName`` and ``module.OldName`` then emit a :class:`DeprecationWarning`
 naming the replacement and return the new object.

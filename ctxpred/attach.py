@@ -1,11 +1,11 @@
 """Attach context-prediction losses to named layers of any model, through forward hooks.
 
-::
-
-    predictor = ctxpred.attach(unet, {"up_blocks.1": loss_a, "up_blocks.2": loss_b})
-    eps_hat = unet(x_t, t).sample                   # hooks capture the two block outputs
-    loss = mse(eps_hat, eps) + predictor.loss(target=x0)
-    loss.backward()                                  # grads reach the backbone and the heads
+```python
+predictor = ctxpred.attach(unet, {"up_blocks.1": loss_a, "up_blocks.2": loss_b})
+eps_hat = unet(x_t, t).sample                   # hooks capture the two block outputs
+loss = mse(eps_hat, eps) + predictor.loss(target=x0)
+loss.backward()                                 # grads reach the backbone and the heads
+```
 
 Contract:
 
@@ -179,7 +179,15 @@ class ModelWithHeads(nn.Module):
 
 
 class ContextPredictor:
-    """Hooks, captured outputs and heads of :func:`attach` (see the module docstring).
+    """Hooks, captured outputs and heads of :func:`attach` (the contract: :mod:`ctxpred.attach`).
+
+    Built by :func:`attach`, which takes the same arguments.
+
+    Args:
+        model: the model to hook, any ``nn.Module``; only forward hooks are added to it.
+        losses: ``{name in model.named_modules(): ContextPredictionLoss}``, one per hooked layer.
+        selectors: how to pick the tensor from a layer output that is not a tensor (see
+            :func:`attach`); ``None`` when every hooked layer returns a tensor.
 
     Attributes:
         model: the hooked model.

@@ -8,9 +8,11 @@ where :math:`P_{b,i}^{s}` is the uniform distribution over the *valid* (in-grid)
 point ``i`` at stride ``s``, :math:`\hat P` the head's prediction, :math:`V_b^s` the query points
 of sample ``b`` with at least one valid neighbor at stride ``s`` (a point without one contributes
 nothing, and a sample without one contributes 0), and ``D`` the head's own divergence
-(``head.divergence``, see :mod:`ctxpred.heads`). The loss only orchestrates::
+(``head.divergence``, see :mod:`ctxpred.heads`). The loss only orchestrates:
 
-    layout (ctxpred._layout) -> neighbors -> head(z) -> head.divergence -> reduce_context_loss
+```text
+layout (ctxpred._layout) -> neighbors -> head(z) -> head.divergence -> reduce_context_loss
+```
 
 It knows no concrete head class: any :class:`~ctxpred.heads.base.ContextHead` subclass plugs in.
 
@@ -137,7 +139,8 @@ class ContextPredictionLoss(nn.Module):
         estimator: Wasserstein estimator handed to ``head.divergence`` (a registered name, a
             module or a callable ``(x, y, x_weights, y_weights) -> W_p^p``); ``None`` =
             :data:`ctxpred.wasserstein.LOSS_ESTIMATOR` (``"sinkhorn"``, see the module doc).
-        weight: ``lambda``.
+        weight: ``lambda``, the factor of this layer's loss; the docs' examples use ``0.1``
+            (the Tuning page says how to check it on your model).
         stride_weights: ``w_s`` per stride (default ``1/S`` each).
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.

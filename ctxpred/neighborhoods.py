@@ -492,7 +492,10 @@ class TokenNeighborhood(_NeighborhoodModule):
     """Neighbor token ids around each point, optionally looked up in a codebook.
 
     Args:
-        strides, kernel_size, grid_shape, allow_empty: as in :func:`token_neighbors`.
+        strides: the dilations, e.g. ``(1, 2)``.
+        kernel_size: odd ``k >= 3``.
+        grid_shape: token grid of ``(B, L)`` id sequences, e.g. ``(h, w)`` with ``h * w = L``.
+        allow_empty: allow a stride with no neighbor in the grid (all-False mask).
         codebook: optional ``(V, C)`` embedding; if given, ``forward`` also returns the
             neighbor embeddings as ``values (B, P, S, K_s, C)`` (the ids stay available via
             :meth:`ids`). Stored as a buffer (not trained); pass an ``nn.Embedding``'s weight

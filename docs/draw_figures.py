@@ -63,8 +63,7 @@ def draw(out: Path) -> None:
     center = (size // 2, size // 2)
     point = torch.tensor([center[0] * size + center[1]])
     nb = ctxpred.PixelNeighborhood(strides=STRIDES)(image, points=point)
-    values = nb.values[0, 0]  # (K, C), slots grouped by stride
-    target = torch.stack([values[nb.stride_index == s] for s in range(len(STRIDES))])
+    target = nb.values[0, 0]  # (S, K_s, C): the neighbors of the point, per stride
     predicted = fit_head(target)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4), dpi=110)
@@ -146,7 +145,7 @@ def draw_pipeline(out: Path) -> None:
     _arrow(ax, (5.55, 1.9), (6.85, 1.9), "$P$ query points")
     _arrow(ax, (2.15, 0.5), (3.25, 0.5))
     _arrow(ax, (9.15, 1.75), (10.3, 1.4), "$(B, P, S, Q, C)$")
-    _arrow(ax, (5.55, 0.5), (10.3, 1.0), "$(B, P, K, C)$")
+    _arrow(ax, (5.55, 0.5), (10.3, 1.0), "$(B, P, S, K_s, C)$ + mask")
     _arrow(ax, (9.15, 3.6), (10.3, 3.6))
     _arrow(ax, (11.6, 1.65), (11.6, 3.15))
     ax.text(8.0, 2.55, "training only: the head and the hook are removed for sampling",

@@ -235,30 +235,25 @@ def _rst_extension():
     return module
 
 
-def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
+def test_rst_extension_rewrites_math_roles_and_dashes() -> None:
     import griffe
 
     ext = _rst_extension()
     text = "\n".join([
         "Intro :math:`W_p^p` and :func:`neighbors`, :class:`~ctxpred.heads.NaiveHead`,",
-        ":func:`_private_helper`.",
+        ":mod:`ctxpred.neighborhoods` and :mod:`~ctxpred.neighborhoods`,",
+        ":func:`_private_helper` -- a dash, ``a -- b`` in code.",
         "",
         ".. math::",
         "    a = b",
         "",
-        "=====  =======",
-        "name   what",
-        "=====  =======",
-        "x      first",
-        "y      second",
-        "=====  =======",
-        "",
-        "Usage::",
-        "",
-        "    f(x)",
+        "```python",
+        "x = 1 -- 2  # fenced code is left alone::",
+        "```",
         "",
         "Example:",
-        "    >>> 1",
+        "    >>> 1 -- 2",
+        "    3",
     ])
     loader = griffe.GriffeLoader()
     package = loader.load("ctxpred")
@@ -267,16 +262,113 @@ def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
     assert "$W_p^p$" in out and "$$\na = b\n$$" in out
     assert "[`neighbors`][ctxpred.neighborhoods.neighbors]" in out
     assert "[`NaiveHead`][ctxpred.heads.naive.NaiveHead]" in out
+    assert "[`ctxpred.neighborhoods`][ctxpred.neighborhoods]" in out
+    assert "[`neighborhoods`][ctxpred.neighborhoods]," in out
     assert "`_private_helper`" in out and "[`_private_helper`]" not in out
-    assert "| name | what |\n|---|---|\n| x | first |\n| y | second |" in out
-    assert "Usage:\n\n```python\nf(x)\n```" in out
-    assert "Examples:\n    >>> 1" in out
-    with pytest.raises(ValueError, match="splits into 3 cells"):
-        extension._rewrite("===  ===\na    b\n===  ===\nx  y  z\n===  ===", package, loader)
+    assert "`_private_helper` \u2014 a dash, ``a -- b`` in code." in out
+    assert "x = 1 -- 2  # fenced code is left alone::" in out
+    assert "Examples:\n    >>> 1 -- 2\n    3" in out
     unlisted = ext.RstDocstrings(link_modules=["ctxpred.heads"])
     assert unlisted._rewrite(":func:`neighbors`", package["neighborhoods"], loader) == (
         "`neighbors`"
     )
+
+
+@pytest.mark.parametrize("construct", [
+    "=====  =====\nname   what\n=====  =====\nx      y\n=====  =====",  # a simple table
+    "Usage::\n\n    f(x)",  # a literal block
+    ".. note::\n    careful",  # a directive other than math
+    "See `the paper <https://x.org>`_.",  # an RST link
+    "See :ref:`install`.",  # a role without a rendering
+])
+def test_rst_extension_fails_loudly_on_unsupported_rst(construct: str) -> None:
+    import griffe
+
+    loader = griffe.GriffeLoader()
+    package = loader.load("ctxpred")
+    extension = _rst_extension().RstDocstrings(link_modules=[])
+    with pytest.raises(ValueError, match=r"ctxpred\.neighborhoods uses .* does not render"):
+        extension._rewrite(f"Summary.\n\n{construct}\n", package["neighborhoods"], loader)
+    # the same text as code is fine
+    fenced = "Summary.\n\n```text\n" + construct + "\n```\n"
+    assert construct in extension._rewrite(fenced, package["neighborhoods"], loader)
+
+
+def _documented_args(doc: str) -> set[str]:
+    """The names of a Google-style ``Args:`` section (entries one indent level deeper)."""
+    match = re.search(r"^Args:\n((?:[ \t]+.*\n|\n)+)", doc + "\n", re.MULTILINE)
+    if match is None:
+        return set()
+    body = match.group(1)
+    indent = min(len(line) - len(line.lstrip()) for line in body.split("\n") if line.strip())
+    return {m.group(1) for m in re.finditer(rf"^ {{{indent}}}\*{{0,2}}(\w+)\b[^\n]*?:", body,
+                                            re.MULTILINE)}
+
+
+def _public_classes() -> list[type]:
+    import ctxpred.heads
+    import ctxpred.neighborhoods
+    import ctxpred.wasserstein
+
+    found: dict[str, type] = {}
+    for module in (ctxpred, ctxpred.heads, ctxpred.neighborhoods, ctxpred.wasserstein):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            # exceptions and named tuples document their fields, not constructor arguments
+            if (isinstance(obj, type) and obj.__init__ is not object.__init__
+                    and not issubclass(obj, (BaseException, tuple))):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return [found[k] for k in sorted(found)]
+
+
+@pytest.mark.parametrize("cls", _public_classes(), ids=lambda c: c.__qualname__)
+def test_every_constructor_argument_is_documented(cls: type) -> None:
+    """The class docstring's ``Args:`` names every ``__init__`` argument (the API pages merge
+    ``__init__`` into the class, so that is where a reader finds them)."""
+    import inspect
+
+    params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    missing = [p for p in params if p not in _documented_args(inspect.getdoc(cls) or "")]
+    assert not missing, f"{cls.__qualname__}: Args section lacks {missing}"
+
+
+def test_documented_args_parser() -> None:
+    doc = ("Summary.\n\nArgs:\n    a: one.\n        more: not an arg.\n    b (int): two.\n\n"
+           "Shape:\n    c: no.")
+    assert _documented_args(doc) == {"a", "b"}
+    assert _documented_args("No args.") == set()
+
+
+def _returns_entries(source: str) -> list[list[str]]:
+    """The entry lines of each ``Returns:`` section of a source file (one indent deeper)."""
+    lines = source.split("\n")
+    sections = []
+    for i, line in enumerate(lines):
+        if line.strip() != "Returns:":
+            continue
+        indent = len(line) - len(line.lstrip())
+        entries, j = [], i + 1
+        while j < len(lines) and (
+            not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent
+        ):
+            if lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) == indent + 4:
+                entries.append(lines[j].strip())
+            j += 1
+        sections.append(entries)
+    return sections
+
+
+def test_returns_sections_have_one_entry() -> None:
+    """A continuation line of a return value is indented; otherwise the rendered Returns table
+    splits one value into two rows (seen on the API pages)."""
+    split = [f"{path.relative_to(ROOT)}: {entries}"
+             for path in sorted((ROOT / "ctxpred").rglob("*.py"))
+             for entries in _returns_entries(path.read_text()) if len(entries) != 1]
+    assert not split, "Returns sections with more than one entry:\n" + "\n".join(split)
+    broken = "Returns:\n    ``x``: the\n    rest.\n\nExample:\n    >>> 1\n"
+    assert _returns_entries(broken) == [["``x``: the", "rest."]]
+    assert _returns_entries(broken.replace("    rest", "        rest")) == [["``x``: the"]]
 
 
 def test_results_hook_includes_measured_files_or_names_the_command(tmp_path: Path) -> None:
@@ -362,7 +454,8 @@ def _built_pages(site: Path) -> list[Path]:
 
 
 _EXTERNAL = re.compile(r"^(https?:)?//", re.IGNORECASE)
-_RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`")
+# raw TeX, an RST role, an unresolved cross-reference ([title][ctxpred.x]) or an ASCII dash
+_RAW = re.compile(r"\\\(|\\\[|:(class|func|meth|math|mod|attr|exc|data):`|\]\[[\w.]+\]|\w -- \w")
 
 
 def test_site_loads_nothing_from_the_network(built_site: Path) -> None:
@@ -400,18 +493,52 @@ def test_site_text_has_no_raw_tex_or_rst_roles(built_site: Path) -> None:
         raw += [f"{page.relative_to(built_site)}: ...{text[max(0, m.start() - 40):m.end() + 40]}..."
                 for m in _RAW.finditer(text)]
     assert math_pages >= 3, "the method and API pages have formulas: arithmatex found none"
-    assert not raw, "raw TeX or RST roles in the rendered text:\n" + "\n".join(raw)
+    assert not raw, "raw TeX, RST roles, unresolved references or ' -- ' in the text:\n" + (
+        "\n".join(raw))
+
+
+def test_every_public_name_is_rendered_on_an_api_page(built_site: Path) -> None:
+    """Each name of the public modules' ``__all__`` has its entry (an anchor at its canonical
+    path) on an API page: a ``members:`` list or filter that drops one fails here."""
+    import inspect
+
+    anchors = set()
+    for page in (built_site / "api").rglob("index.html"):
+        anchors |= set(re.findall(r'id="(ctxpred\.[\w.]+)"', page.read_text()))
+    modules = ["ctxpred", "ctxpred.functional", "ctxpred.attach", "ctxpred.loss", "ctxpred.heads",
+               "ctxpred.neighborhoods", "ctxpred.wasserstein", "ctxpred.errors"]
+    missing = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr in module.__all__:
+            obj = getattr(module, attr)
+            if inspect.ismodule(obj) or attr == "__version__":
+                continue
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__.startswith(
+                    "ctxpred"):
+                path = f"{obj.__module__}.{obj.__qualname__}"
+            else:  # constants and type aliases: documented where they are defined
+                path = f"{name}.{attr}"
+            if path not in anchors:
+                missing.append(f"{name}.{attr} ({path})")
+    functional = importlib.import_module("ctxpred.functional")
+    missing += [f"ctxpred.functional.{n} (functional page)" for n in functional.__all__
+                if f"ctxpred.functional.{n}" not in anchors]
+    assert not missing, "public names without an entry on an API page:\n" + "\n".join(missing)
+    dunders = sorted(a for a in anchors if re.search(r"\.__\w+__$", a))
+    assert not dunders, f"API pages render module internals: {dunders}"
 
 
 def test_page_scan_sees_external_assets_and_raw_text() -> None:
     scan = _PageScan()
     scan.feed('<link rel="stylesheet" href="https://cdn/x.css"><script src="//cdn/m.js"></script>'
               '<p>a \\(x\\) <code>\\(ok\\)</code><span class="arithmatex">\\(ok\\)</span>'
-              '<br>:class:`Y`</p>')
+              '<br>:class:`Y` [<code>a</code>][ctxpred.a] b -- c</p>')
     assert scan.scripts == ["//cdn/m.js"] and scan.stylesheets == ["https://cdn/x.css"]
     assert all(_EXTERNAL.match(u) for u in scan.scripts + scan.stylesheets)
     assert not _EXTERNAL.match("../assets/javascripts/bundle.js")
-    assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == ["\\(", ":class:`"]
+    assert [m.group(0) for m in _RAW.finditer("".join(scan.text))] == [
+        "\\(", ":class:`", "][ctxpred.a]", "b -- c"]
 
 
 if __name__ == "__main__":

@@ -133,15 +133,15 @@ class CategoricalHead(ContextHead):
       (or keep them one-hot) and compare the ``Q`` samples with the neighbor embeddings.
 
     Args:
-        num_classes: ``V``.
-        in_channels: ``C_in`` or ``None`` (lazy).
+        num_classes: ``V``, the vocabulary size of the token ids (``>= 2``).
+        in_channels: ``C_in``, or ``None`` to infer it on the first forward.
         codebook: ``(V, D)`` embedding of the tokens (stored as a detached buffer; refresh it
             with :meth:`set_codebook`; needs ``num_samples``), or ``None`` for the 0-1 cost
             (distribution mode) / one-hot vectors (sampling mode).
         num_samples: ``Q`` for the sampling mode, ``None`` for the distribution mode.
         temperature: Gumbel-softmax temperature ``tau > 0``.
-        hard: straight-through one-hot samples.
-        num_strides: ``S``.
+        hard: straight-through one-hot samples (sampling mode).
+        num_strides: ``S``, one distribution per stride (``1`` shares it across strides).
 
     Shape:
         - input ``z``: ``(B, P, C_in)`` or ``(B, C_in, *spatial)``

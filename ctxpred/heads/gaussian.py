@@ -97,12 +97,15 @@ class GaussianSamplingHead(ContextHead):
     :func:`sample_divergence` by the loss's Wasserstein estimator.
 
     Args:
-        out_channels: ``C_out``, channels of the target neighbors.
+        out_channels: ``C_out``, channels of the target neighbors (3 for RGB pixels, 4 for SD
+            latents, the layer's width for the feature context).
         in_channels: ``C_in``, or ``None`` to infer it on the first forward.
-        num_samples: ``Q``.
+        num_samples: ``Q``, samples drawn per point and stride; any count (``Q = K_s``, e.g. 8
+            for a 3x3 ring, lets the loss use ``match_mask=True``).
         latent_dim: size of the Gaussian latent.
         hidden_channels: width of the shared decoder MLP.
-        num_strides: ``S``; one Gaussian per stride (``1`` shares it across strides).
+        num_strides: ``S``; one Gaussian per stride (``1`` shares it across strides). Use
+            ``len(strides)`` of the neighborhood.
 
     Shape:
         - input ``z``: ``(B, P, C_in)`` or ``(B, C_in, *spatial)``

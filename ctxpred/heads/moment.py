@@ -110,10 +110,10 @@ class MomentHead(ContextHead):
     (:func:`moment_divergence`).
 
     Args:
-        out_channels: ``C``.
-        in_channels: ``C_in`` or ``None`` (lazy).
+        out_channels: ``C``, channels of the target neighbors.
+        in_channels: ``C_in``, or ``None`` to infer it on the first forward.
         rank: ``R``, rank of the low-rank part (``0``: diagonal covariance).
-        num_strides: ``S``.
+        num_strides: ``S``, one mean and covariance per stride (``1`` shares them).
 
     Shape:
         - input ``z``: ``(B, P, C_in)`` or ``(B, C_in, *spatial)``

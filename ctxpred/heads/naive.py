@@ -75,10 +75,10 @@ class NaiveHead(ContextHead):
     is order-dependent and its cost grows with ``|S| * (k^d - 1)``.
 
     Args:
-        out_channels: ``C_out``.
+        out_channels: ``C_out``, channels of the target neighbors.
         num_slots: ``K_s``, neighbors per stride (``k**d - 1``: 8 for a 3x3 ring in 2-D).
-        in_channels: ``C_in`` or ``None`` (lazy).
-        num_strides: ``S``.
+        in_channels: ``C_in``, or ``None`` to infer it on the first forward.
+        num_strides: ``S``, one prediction per stride (``1`` shares it across strides).
 
     Shape:
         - input ``z``: ``(B, P, C_in)`` or ``(B, C_in, *spatial)``

@@ -1,6 +1,6 @@
 r"""Batched, differentiable Wasserstein estimators between weighted point clouds.
 
-One call compares many small distributions at once -- e.g. one problem per point and stride of a
+One call compares many small distributions at once — e.g. one problem per point and stride of a
 feature map. Every estimator takes ``x (..., N, D)``, ``y (..., M, D)`` and optional non-negative
 weights ``(..., N)`` / ``(..., M)`` (normalized per problem; 0 masks a point out) and returns one
 value per problem, shape ``(...)``, in the caller's dtype (the core runs in float32 even under

@@ -13,7 +13,7 @@ it exactly, all problems at once. For ``n <= 8`` it runs a dynamic program over 
 shortest-augmenting-path algorithm (the one behind scipy's
 ``linear_sum_assignment``), vectorized over problems: phase ``r`` adds row ``r`` to the matching
 with at most ``r + 1`` Dijkstra steps, so the solve is at most ``n(n+1)/2`` steps of
-``(n, B)`` tensor operations -- no Python loop over problems, finished problems masked. On an
+``(n, B)`` tensor operations — no Python loop over problems, finished problems masked. On an
 accelerator the step count is fixed and data-independent (no host sync); on a CPU, where asking
 "how many problems are still searching?" costs nothing, a phase works on the shrinking set of
 problems still searching (compacted whenever half of them have finished) and stops when none
@@ -298,7 +298,7 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     With valid rows and columns moved first, :math:`D_k(S) = \min_{j \in S} D_{k-1}(S
     \setminus j) + C_{k-1, j}` over sets :math:`S` of ``k`` columns; the optimum of a problem
     with ``k`` valid rows is :math:`D_k(\{0..k-1\})`, and a backward pass recovers the matching.
-    ``n`` levels of vectorized work over ``(2^n, B)`` -- no data-dependent steps at all.
+    ``n`` levels of vectorized work over ``(2^n, B)`` — no data-dependent steps at all.
     """
     bsz, n, _ = cost.shape
     device, big = cost.device, _BIG
@@ -804,7 +804,14 @@ _FLOW_NEEDS = (
 
 
 class ExactWasserstein(EstimatorModule):
-    r"""Module form of :func:`exact_wasserstein` (no parameters).
+    r"""Module form of :func:`exact_wasserstein`, its options fixed (no learnable parameters).
+
+    Args:
+        p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
+        solver: ``"auto"``, ``"assignment"`` or ``"transport"`` (see
+            :func:`exact_wasserstein`).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Args:
         p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).

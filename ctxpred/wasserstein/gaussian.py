@@ -8,7 +8,7 @@ With weighted means :math:`m_x, m_y` and (biased, weighted) covariances :math:`S
 
 (the Bures metric). With :math:`S_x = P^\top P`, :math:`P = \operatorname{diag}(\sqrt a)(X - m_x)`
 and likewise :math:`S_y = Q^\top Q`, the last trace is the nuclear norm :math:`\|P Q^\top\|_*` of an
-``N x M`` matrix -- so no ``D x D`` matrix square root is formed, it is cheap for few points in
+``N x M`` matrix — so no ``D x D`` matrix square root is formed, it is cheap for few points in
 high dimension, and its gradient stays finite for rank-deficient covariances (``N <= D``).
 ``covariance="diag"`` keeps only the variances: :math:`\|m_x - m_y\|^2 + \sum_d (\sigma_{x,d} -
 \sigma_{y,d})^2`. It is a lower bound of the exact :math:`W_2^2` (a different, moment-only
@@ -174,7 +174,13 @@ def gaussian_w2(mean_x: Tensor, cov_x: Tensor, mean_y: Tensor, cov_y: Tensor) ->
 
 
 class GaussianWasserstein(EstimatorModule):
-    r"""Module form of :func:`gaussian_wasserstein` (no parameters).
+    r"""Module form of :func:`gaussian_wasserstein`, its options fixed (no learnable parameters).
+
+    Args:
+        covariance: ``"full"`` (Bures term, computed as a nuclear norm -- no ``D x D`` square
+            root) or ``"diag"`` (per-coordinate variances only).
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Args:
         covariance: ``"full"`` (Bures term, computed as a nuclear norm -- no ``D x D`` square

@@ -16,8 +16,8 @@ over-relaxed (:math:`f \leftarrow (1-\omega) f + \omega\, T(f)`, Thibault et al.
 :math:`\varepsilon` decreasing geometrically (``scaling``) from the problem's cost diameter to its
 target, for a *fixed* number of ``iterations`` (no convergence test, so no host sync). The plan
 :math:`\pi_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}` is computed without autograd and
-rounded onto :math:`\Pi(a, b)` (Altschuler et al. 2017), so the value returned -- its transport
-cost :math:`\langle \pi, C(x, y)\rangle` -- is the cost of a feasible plan: an estimate of
+rounded onto :math:`\Pi(a, b)` (Altschuler et al. 2017), so the value returned — its transport
+cost :math:`\langle \pi, C(x, y)\rangle` — is the cost of a feasible plan: an estimate of
 :math:`W_p^p` from above. It is differentiated with :math:`\pi` held fixed: by the envelope
 theorem that is the gradient of :math:`\mathrm{OT}_\varepsilon` (not of the plan's cost), at the
 memory cost of one cost matrix (no unrolled iterations). With ``debias=True`` it returns the
@@ -232,7 +232,22 @@ def _round_to_marginals(plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 class SinkhornWasserstein(EstimatorModule):
-    r"""Module form of :func:`sinkhorn_wasserstein` (no parameters).
+    r"""Module form of :func:`sinkhorn_wasserstein`, its options fixed (no learnable parameters).
+
+    Args:
+        p: cost exponent ``>= 1`` (``p=2``: squared Euclidean cost, value ~ :math:`W_2^2`).
+        blur: entropic length scale in data units, :math:`\varepsilon = \text{blur}^p`;
+            ``None`` (default) uses ``relative_blur``.
+        relative_blur: :math:`\varepsilon` as a fraction of each problem's mean cost (used when
+            ``blur`` is ``None``), so the accuracy does not depend on the data's scale.
+        scaling: epsilon-scaling factor in ``(0, 1)``: :math:`\varepsilon_t =
+            \max(\text{diameter}\cdot\text{scaling}^t, \varepsilon)`; closer to 1 is slower
+            and more accurate.
+        iterations: fixed number of Sinkhorn iterations (no convergence test, no host sync).
+        overrelaxation: :math:`\omega \in [1, 2)`, over-relaxed updates (1 = plain Sinkhorn).
+        debias: return the Sinkhorn divergence (3 solves) instead of the plan's transport cost.
+        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
+            in training loops.
 
     Args:
         p: cost exponent ``>= 1`` (``p=2``: squared Euclidean cost, value ~ :math:`W_2^2`).

@@ -1,20 +1,23 @@
 """Griffe extension: render ctxpred's Sphinx-flavoured Google docstrings on the mkdocs site.
 
-The library's docstrings are Google style (``Args:``, ``Returns:``, ``Shape:``) but use a few
-reStructuredText constructs that plain Markdown shows verbatim. At load time (before the
-docstrings are parsed) this extension rewrites, without touching the source files:
+The library's docstrings are Google style (``Args:``, ``Returns:``, ``Shape:``) with Markdown
+code (fenced blocks, doctests) and a few reStructuredText bits that plain Markdown would show
+verbatim. At load time (before the docstrings are parsed) this extension rewrites, without
+touching the source files:
 
 * ``.. math::`` blocks          -> ``$$ ... $$`` display math (rendered by MathJax via arithmatex);
 * ``:math:`x```                 -> ``$x$`` inline math;
 * ``:func:`name```, ``:class:``, ``:meth:``, ``:mod:``, ``:attr:``, ``:exc:``, ``:data:`` ->
   a cross-reference when ``name`` resolves to a public object of a module listed in
   ``link_modules`` (pages that render all its public members), otherwise inline code, so a
-  reference can never break ``mkdocs build --strict``;
+  reference can never break ``mkdocs build --strict``; it shows the last component of the
+  name, except for a module (``:mod:`ctxpred.heads``` shows ``ctxpred.heads``);
 * a lone ``Example:`` heading   -> ``Examples:`` so doctest lines become highlighted code;
-* RST "simple tables" (columns framed by ``=====  =====`` rules; cells separated by 2+ spaces)
-  -> Markdown pipe tables (a row that does not split into its columns fails the build); tables
-  belong on the docs pages, this is for the few a docstring keeps;
-* a literal block introduced by ``::`` -> a fenced ``python`` code block.
+* `` -- `` between words         -> an em dash (outside code).
+
+Nothing else: any other RST construct left in a docstring's prose (a table, a ``::`` literal
+block, another directive or role, an RST link) makes the build fail with the object and the
+line (:func:`check_supported`), rather than render as garbage. Tables belong on the docs pages.
 
 Configured in ``mkdocs.yml`` under the python handler's ``extensions`` option.
 """
@@ -22,103 +25,84 @@ Configured in ``mkdocs.yml`` under the python handler's ``extensions`` option.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import griffe
 
-_ROLE = re.compile(r":(func|class|meth|mod|attr|exc|data|obj):`~?([^`]+)`")
+_ROLE = re.compile(r":(func|class|meth|mod|attr|exc|data|obj):`(~?)([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$", re.MULTILINE)
-_TABLE_RULE = re.compile(r"^\s*=+(\s+=+)+\s*$")
+_UNSUPPORTED = (
+    (re.compile(r"^\s*=+(\s+=+)+\s*$"), "an RST table (put tables on the docs pages)"),
+    (re.compile(r"::\s*$"), "an RST literal block '::' (use a fenced ``` block or a doctest)"),
+    (re.compile(r"^\s*\.\. \S"), "an RST directive or comment other than '.. math::'"),
+    (re.compile(r"`[^`]+`__?(?!\w)"), "an RST link or reference (`text`_)"),
+    (re.compile(r":[a-z]+:`"), "an RST role other than :math: and the cross-reference roles"),
+)
+_DASH = re.compile(r"(?<=\S) -- (?=\S)")
+_CODE_SPAN = re.compile(r"(`+).+?\1")
+_CODE_OR_LINK = re.compile(r"``.+?``|`[^`]+`(?!_)")
 
 
-def _indent_of(line: str) -> int:
-    return len(line) - len(line.lstrip())
+def _prose(lines: list[str]) -> list[bool]:
+    """Per line: is it prose, i.e. outside fenced code blocks and doctest examples?
 
-
-def _cells(line: str, columns: int) -> list[str]:
-    """Split a row of a simple table into its cells, separated by runs of 2+ spaces.
-
-    A cell may overflow its rule (e.g. a long role), but it may not contain 2+ spaces in a row:
-    such a row raises, so that a table never renders with its cells shifted.
+    A doctest example is a ``>>>`` line, its ``...`` continuations and its expected output,
+    which runs to the next blank line.
     """
-    parts = re.split(r"\s{2,}", line.strip())
-    if len(parts) != columns:
-        raise ValueError(
-            f"RST simple table row {line.strip()!r} splits into {len(parts)} cells at runs of 2+ "
-            f"spaces, expected {columns}: keep single spaces inside a cell"
-        )
-    return [part.replace("|", "\\|") for part in parts]
+    out: list[bool] = []
+    fence: str | None = None
+    doctest = False
+    for line in lines:
+        stripped = line.strip()
+        if fence is not None:
+            out.append(False)
+            if stripped.startswith(fence):
+                fence = None
+            continue
+        if stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+            out.append(False)
+            continue
+        doctest = stripped.startswith(">>>") or (doctest and bool(stripped))
+        out.append(not doctest)
+    return out
 
 
-def _simple_tables(text: str) -> str:
-    """Turn RST simple tables (``===  ===`` rule, header, rule, rows, rule) into pipe tables."""
+def _outside_code(line: str, fn: Callable[[str], str]) -> str:
+    """``fn`` applied to ``line`` with its inline code spans held out (as placeholders)."""
+    spans = [m.group(0) for m in _CODE_SPAN.finditer(line)]
+    masked = _CODE_SPAN.sub("\x00", line)
+    parts = fn(masked).split("\x00")
+    return "".join(part + (spans[i] if i < len(spans) else "") for i, part in enumerate(parts))
+
+
+def _dashes(text: str) -> str:
+    """A spaced ASCII ``--`` between words becomes an em dash, outside code."""
     lines = text.split("\n")
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        rule = lines[i]
-        if not _TABLE_RULE.match(rule):
-            out.append(rule)
-            i += 1
-            continue
-        spans = [m.span() for m in re.finditer(r"=+", rule)]
-        end = i + 1
-        rules = [i]
-        while end < len(lines) and lines[end].strip() and len(rules) < 3:
-            if _TABLE_RULE.match(lines[end]):
-                rules.append(end)
-            end += 1
-        if len(rules) < 3:
-            out.append(rule)
-            i += 1
-            continue
-        indent = rule[: _indent_of(rule)]
-        header = _cells(lines[rules[0] + 1], len(spans))
-        body = [_cells(line, len(spans)) for line in lines[rules[1] + 1 : rules[2]] if line.strip()]
-        out.append("")
-        out.append(indent + "| " + " | ".join(header) + " |")
-        out.append(indent + "|" + "---|" * len(header))
-        out.extend(indent + "| " + " | ".join(row) + " |" for row in body)
-        out.append("")
-        i = rules[2] + 1
-    return "\n".join(out)
+    return "\n".join(
+        _outside_code(line, lambda s: _DASH.sub(" \u2014 ", s)) if prose else line
+        for line, prose in zip(lines, _prose(lines), strict=True)
+    )
 
 
-def _literal_blocks(text: str) -> str:
-    """Turn ``::``-introduced indented literal blocks into fenced python code blocks."""
+def check_supported(text: str, where: str) -> None:
+    """Raise if ``text`` (rewritten) still holds an RST construct that Markdown shows verbatim.
+
+    Code is exempt: fenced blocks, doctest examples and inline code spans.
+    """
     lines = text.split("\n")
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.rstrip()
-        if not stripped.endswith("::") or stripped.lstrip().startswith(".. "):
-            out.append(line)
-            i += 1
+    for line, prose in zip(lines, _prose(lines), strict=True):
+        if not prose:
             continue
-        base = _indent_of(line)
-        j = i + 1
-        while j < len(lines) and not lines[j].strip():
-            j += 1
-        if j >= len(lines) or _indent_of(lines[j]) <= base:
-            out.append(line)
-            i += 1
-            continue
-        lead = stripped[:-2].rstrip()
-        if lead.strip():
-            out.append(lead + ":")
-        block: list[str] = []
-        while j < len(lines) and (not lines[j].strip() or _indent_of(lines[j]) > base):
-            block.append(lines[j])
-            j += 1
-        while block and not block[-1].strip():
-            block.pop()
-        cut = min(_indent_of(b) for b in block if b.strip())
-        pad = " " * base
-        out.extend(["", pad + "```python", *(pad + b[cut:] for b in block), pad + "```", ""])
-        i = j
-    return "\n".join(out)
+        bare = _CODE_OR_LINK.sub("``", line)  # an RST link `text`_ is not code
+        for pattern, what in _UNSUPPORTED:
+            if pattern.search(bare):
+                raise ValueError(
+                    f"the docstring of {where} uses {what}, which docs/_ext/rst_docstrings.py "
+                    f"does not render: {line.strip()!r}"
+                )
 
 
 def _math_blocks(text: str) -> str:
@@ -160,7 +144,8 @@ class RstDocstrings(griffe.Extension):
         self.link_modules = tuple(link_modules or ())
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **_: Any) -> None:
-        self._walk(pkg, loader, set())
+        if pkg.name == "ctxpred":  # not the packages it imports (torch, ...)
+            self._walk(pkg, loader, set())
 
     def _walk(self, obj: griffe.Object, loader: griffe.GriffeLoader, seen: set[str]) -> None:
         if obj.path in seen:
@@ -174,13 +159,21 @@ class RstDocstrings(griffe.Extension):
 
     def _rewrite(self, text: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
         text = _math_blocks(text)
-        text = _literal_blocks(_simple_tables(text))
         text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
-        text = _ROLE.sub(lambda m: self._reference(m.group(2), obj, loader), text)
-        return _EXAMPLE.sub(r"\1Examples:", text)
+        text = _ROLE.sub(
+            lambda m: self._reference(m.group(3), obj, loader, full=m[1] == "mod" and not m[2]),
+            text,
+        )
+        text = _dashes(_EXAMPLE.sub(r"\1Examples:", text))
+        check_supported(text, obj.path)
+        return text
 
-    def _reference(self, name: str, obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
-        title = name.rsplit(".", 1)[-1] if "." in name else name
+    def _reference(
+        self, name: str, obj: griffe.Object, loader: griffe.GriffeLoader, full: bool = False
+    ) -> str:
+        """A module keeps its dotted name (``:mod:`~a.b``` shows ``b``); any other object shows
+        its last component."""
+        title = name if full else name.rsplit(".", 1)[-1]
         target = self._resolve(name, obj, loader)
         if target is None:
             return f"`{title}`"
