@@ -4,7 +4,7 @@ README's quick start there.
 The new environment sees no repository: it is created with ``venv --without-pip`` in a temporary
 folder and the code runs with ``python -I`` (no current directory, no ``PYTHONPATH``) from another
 temporary folder. To avoid downloading PyTorch, a ``.pth`` file appends the test interpreter's
-site-packages to its ``sys.path``: that gives it torch, numpy, einops and pip, but never an
+site-packages to its ``sys.path``: that gives it torch, numpy and pip, but never an
 editable ctxpred, because the ``.pth`` files *inside* an appended folder are not processed (they
 are where an editable install lives). The test checks that ``ctxpred`` is imported from the new
 environment's own site-packages. About 20 s.
