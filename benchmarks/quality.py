@@ -541,6 +541,7 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
     """Run every pending run, storing each one as soon as it finishes; stop (between runs)
     after ``max_minutes``. Returns the number of runs made."""
     started = time.perf_counter()
+    commit = _git_commit()  # of the code that runs, read before the first run
     study = load_study(path)
     done = 0
     stages = {r.stage for r in runs}
@@ -556,7 +557,7 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
         metrics = run.run()
         study = load_study(path)  # re-read: another stage may have written meanwhile
         study.setdefault(run.stage, {})[run.key] = {
-            "metrics": metrics, "spec": run.spec, "commit": _git_commit(),
+            "metrics": metrics, "spec": run.spec, "commit": commit,
             "seconds": round(time.perf_counter() - t0, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
