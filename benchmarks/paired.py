@@ -74,7 +74,7 @@ def paired_comparison(
     Example:
         >>> r = paired_comparison([1.0, 2.0, 3.0], [0.9, 1.7, 2.9])
         >>> round(r.mean_diff, 4), round(r.ci_low, 4), round(r.ci_high, 4), round(r.p_value, 4)
-        (-0.1667, -0.4536, 0.1203)
+        (-0.1667, -0.4535, 0.1202, 0.1296)
         >>> round(r.relative()[0], 4)
         -0.0833
     """

@@ -592,7 +592,7 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
         >>> recs = {"t/baseline/0": rec(1.0), "t/baseline/1": rec(2.0), "t/baseline/2": rec(3.0),
         ...         "t/v/0": rec(0.9), "t/v/1": rec(1.7), "t/v/2": rec(2.9)}
         >>> print(study_table("sweep", recs).splitlines()[6])
-        | v | 3 | -8.3% [-22.7, +6.0] | 0.158 (0.317) | -8.3% [-22.7, +6.0] | 0.158 (0.317) |
+        | v | 3 | -8.3% [-22.7, +6.0] | 0.13 (0.259) | -8.3% [-22.7, +6.0] | 0.13 (0.259) |
     """
     from benchmarks.paired import holm, paired_comparison
 
