@@ -157,9 +157,10 @@ def continuous_variants(strides_all: tuple[int, ...] = (1, 2, 3)) -> dict[str, A
 
 def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     """Runs of the continuous reference model (see the module docstring)."""
-    from reference_models.continuous import TrainConfig, Trainer, center_mask
+    from reference_models.continuous import TrainConfig
 
     variants = continuous_variants()
+    data = getattr(args, "loaded_data", None)
     specs: list[RunSpec] = []
     for dataset in args.datasets or preset.datasets:
         for variant, context in variants.items():
@@ -171,29 +172,13 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
                     dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
                     lr=preset.lr, base_channels=preset.base_channels, seed=seed,
                     device=args.device, log_every=50, context=context,
+                    flip=None if data is None else False,
+                    image_size=None if data is None else data.train.shape[-1],
                 )
 
                 def run(config: Any = config, dataset: str = dataset) -> dict[str, Any]:
-                    trainer = Trainer(config)
-                    history = trainer.train(progress=not args.no_progress)
-                    samples = trainer.sample(preset.samples, "ddpm",
-                                             num_steps=preset.sample_steps, seed=config.seed)
-                    real = _real(dataset, "test", max(256, preset.samples))
-                    truth = real[: preset.inpaint_images]
-                    mask = center_mask(len(truth), truth.shape[-1])
-                    inpainted = trainer.diffusion.inpaint(
-                        trainer.ema.model.eval(), truth.to(trainer.device),
-                        mask.to(trainer.device), num_steps=preset.inpaint_steps,
-                        resample=preset.resample,
-                        generator=torch.Generator().manual_seed(config.seed),
-                    ).cpu()
-                    tail = history[-50:]
-                    return {
-                        **sample_metrics(samples, real, dataset),
-                        "inpaint_mse": inpainting_metrics(inpainted, truth, mask)["masked_mse"],
-                        "point_loss": sum(h["point_loss"] for h in tail) / len(tail),
-                        "s_per_step": history[-1]["time"] / max(1, trainer.step),
-                    }
+                    return _train_and_evaluate(config, preset, dataset, not args.no_progress,
+                                               data)
 
                 specs.append(RunSpec(dataset, variant, seed, run))
     return specs
@@ -202,8 +187,11 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
 def _floor_runs(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     """Held-out real images vs training images: what a perfect model would score."""
     specs = []
+    data = getattr(args, "loaded_data", None)
     for dataset in args.datasets or preset.datasets:
         def run(dataset: str = dataset) -> dict[str, Any]:
+            if data is not None:
+                return sample_metrics(data.train[: preset.samples], data.test, dataset)
             real = _real(dataset, "test", max(256, preset.samples))
             train = _real(dataset, "train", preset.samples, seed=123)
             return sample_metrics(train, real, dataset)
@@ -485,10 +473,11 @@ def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
             context = catalog[variant]
             for seed in seeds:
                 config = TrainConfig(
-                    dataset=dataset if data is None else "textures", steps=preset.steps,
-                    batch_size=preset.batch_size, lr=preset.lr,
-                    base_channels=preset.base_channels, seed=seed, device=args.device,
-                    log_every=50, context=context, flip=None if data is None else True,
+                    dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
+                    lr=preset.lr, base_channels=preset.base_channels, seed=seed,
+                    device=args.device, log_every=50, context=context,
+                    flip=None if data is None else False,
+                    image_size=None if data is None else data.train.shape[-1],
                 )
                 spec = {"train": _compact(config),
                         "eval": {k: getattr(preset, k) for k in
@@ -690,6 +679,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data", type=Path, default=None,
+                   help="your own images instead of the bundled datasets: a .npy (N, H, W[, C]) "
+                   "array (uint8 0-255 or float in [0, 1] / [-1, 1]) or a folder of PNG/JPEG; "
+                   "20%% are held out for the metrics (results keyed by the file/folder name)")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="--data: side the images are center-cropped and resized to "
+                   "(divisible by 4)")
     p.add_argument("--stage", choices=sorted(STAGES), default=None,
                    help="run a stage of the paired study (results in --study-file)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -737,6 +733,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))
+    if args.data is not None:
+        from reference_models.data import load_image_data
+
+        if args.image_size < 4 or args.image_size % 4:
+            raise SystemExit(f"--image-size must be a multiple of 4 (the UNet halves the grid "
+                             f"twice), got {args.image_size}")
+        if args.model != "continuous":
+            raise SystemExit("--data works with --model continuous only")
+        args.loaded_data = load_image_data(args.data, args.image_size)
+        args.datasets = [args.data.stem or "data"]
+        print(f"--data {args.data}: {args.loaded_data.describe()}")
     if args.stage is not None:
         return _study_main(args, argv)
     preset = PRESETS[args.preset]

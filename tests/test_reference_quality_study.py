@@ -241,3 +241,21 @@ def test_study_stage_runs_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch) -> 
                                                                 "fd_digits", "context_loss"}
     md = out.with_suffix(".md").read_text()
     assert "--stage tiny" in md and "| px-l1 | 2 |" in md
+
+
+def test_quality_benchmark_runs_on_a_user_folder(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "res"
+    assert quality.main(["--data", str(folder), "--image-size", "8", "--preset", "smoke",
+                         "--variants", "baseline", "--out", str(out), "--no-progress"]) == 0
+    stored = json.loads((out / "quality_continuous_smoke.json").read_text())
+    assert sorted(stored) == ["pics/baseline/0", "pics/baseline/1", "pics/real-vs-real/0"]
+    with pytest.raises(ValueError, match="no image files"):
+        quality.main(["--data", str(tmp_path / "res"), "--preset", "smoke", "--out", str(out)])
