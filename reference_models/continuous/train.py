@@ -66,6 +66,14 @@ class ContextConfig:
         num_samples: ``Q`` of the Gaussian head.
         latent_dim: latent size of the Gaussian head.
         hidden_channels: width of the Gaussian head's decoder MLP.
+        timestep_weighting: per-sample weight of the context loss by the sample's timestep
+            ``t`` (passed as ``sample_weight`` to ``predictor.loss``), normalized to mean 1
+            over uniform ``t`` so that ``weight`` keeps its meaning: ``"none"`` (1),
+            ``"snr"`` (``abar_t / mean(abar)``, i.e. ``SNR / (1 + SNR)``: about 1 at low noise,
+            0 at high noise, where the clean neighborhood cannot be predicted from ``x_t``) or
+            ``"cutoff"`` (context only for ``t < t_cutoff * T``, scaled by
+            ``T / #{t < t_cutoff * T}``).
+        t_cutoff: fraction of the timesteps that keep the context loss with ``"cutoff"``.
         match_mask: mask the Gaussian head's samples like their targets (needs
             ``num_samples == 8``, the ring size; makes ``estimator="exact"`` a batched
             assignment), see :class:`ctxpred.ContextPredictionLoss`.
@@ -81,6 +89,8 @@ class ContextConfig:
     latent_dim: int = 16
     hidden_channels: int = 64
     match_mask: bool = False
+    timestep_weighting: Literal["none", "snr", "cutoff"] = "none"
+    t_cutoff: float = 0.5
 
 
 @dataclass
@@ -332,6 +342,34 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.generator, device="cpu").to(x0)
         return t, noise
 
+    def context_sample_weight(self, t: Tensor) -> Tensor | None:
+        """Per-sample weight ``(B,)`` of the context loss for timesteps ``t`` ``(B,)`` (see
+        ``ContextConfig.timestep_weighting``); ``None`` for ``"none"``.
+
+        Example:
+            >>> cfg = TrainConfig(dataset="digits", num_train_images=8, base_channels=8,
+            ...                   channel_mults=(1, 2), num_timesteps=10,
+            ...                   context=ContextConfig(timestep_weighting="cutoff",
+            ...                                         t_cutoff=0.5))
+            >>> Trainer(cfg).context_sample_weight(torch.tensor([0, 4, 5, 9])).tolist()
+            [2.0, 2.0, 0.0, 0.0]
+        """
+        ctx = self.config.context
+        if ctx is None or ctx.timestep_weighting == "none":
+            return None
+        abar = self.diffusion.alphas_cumprod.to(t.device)
+        if ctx.timestep_weighting == "snr":
+            return (abar / abar.mean())[t].float()
+        if ctx.timestep_weighting == "cutoff":
+            if not 0.0 < ctx.t_cutoff <= 1.0:
+                raise ValueRangeError(f"t_cutoff must be in (0, 1], got {ctx.t_cutoff}")
+            keep = torch.arange(len(abar), device=t.device) < ctx.t_cutoff * len(abar)
+            return (keep.float() * (len(abar) / keep.sum().clamp_min(1)))[t]
+        raise ValueRangeError(
+            f"timestep_weighting must be 'none', 'snr' or 'cutoff', got "
+            f"{ctx.timestep_weighting!r}"
+        )
+
     def train_step(self) -> tuple[Tensor, Tensor, Tensor]:
         """One optimizer step; returns detached ``(point_loss, context_loss, grad_ratio)``
         (context 0 without context prediction; grad_ratio ``nan`` unless measured this step,
@@ -354,7 +392,11 @@ class Trainer:
                 every = cfg.diagnostic_every
                 measure = every > 0 and (self.step + 1) % every == 0
                 features = list(self.predictor.captured.values()) if measure else []
-                context = self.predictor.loss(target=x0)
+                weight = self.context_sample_weight(t)
+                if weight is None:
+                    context = self.predictor.loss(target=x0)
+                else:
+                    context = self.predictor.loss(target=x0, sample_weight=weight)
                 if measure:
                     ratio = self.gradient_ratio(point, context, features).detach()
             else:
