@@ -6,7 +6,7 @@
 
 For each dataset (``textures`` 32x32, ``digits`` 16x16) and each variant, one reference model is
 trained per seed with the *same* seed, steps, batch and UNet; samples of its EMA weights are
-compared with held-out images (``benchmarks.metrics``, lower is better):
+compared with held-out images (``reference_models.metrics``, lower is better):
 
 * ``swd`` — Laplacian-pyramid 7x7-patch sliced Wasserstein distance (mean over levels);
 * ``neighbor`` — (pixel, neighbor) joint-distribution discrepancy, mean over strides 1..3;
@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from benchmarks.metrics import (
+from reference_models.metrics import (
     frechet_digits_distance,
     inpainting_metrics,
     neighborhood_discrepancy,
@@ -131,6 +131,10 @@ def _real(dataset: str, split: str, num: int, seed: int = 0) -> torch.Tensor:
     return _REAL_CACHE[key]
 
 
+#: Held-out real images ``(dataset, split, num, seed=0) -> (N, 1, H, W)`` (cached).
+real_images = _real
+
+
 def sample_metrics(samples: torch.Tensor, real: torch.Tensor, dataset: str) -> dict[str, float]:
     """``swd``, ``neighbor`` (and ``fd_digits`` for digits) of ``samples`` vs ``real``."""
     out = {
@@ -204,7 +208,7 @@ def discrete_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     """Runs of the discrete (token) reference model: ``baseline`` and ``context`` per seed."""
     from reference_models.discrete.evaluate import quality_section
 
-    return quality_section(preset, args)
+    return quality_section(preset, args, sys.modules[__name__])
 
 
 #: ``--model`` name -> section. A section returns the runs of its model (see the module doc).

@@ -1,66 +1,67 @@
 """ctxpred — context prediction (ConPreDiff) for any diffusion model.
 
-The pipeline, one way: a backbone's tensors -> :mod:`ctxpred.neighborhoods` (gather the
-multi-stride context and its validity mask) -> :mod:`ctxpred.heads` (predict a neighborhood
-distribution per point) -> :mod:`ctxpred.wasserstein` (compare two distributions) ->
+The pipeline, one way::
+
+    _layout -> neighborhoods -> heads (+ their divergence) -> loss (reduce) <- attach
+
+A backbone's tensors -> :mod:`ctxpred.neighborhoods` (gather the multi-stride context and its
+validity mask) -> :mod:`ctxpred.heads` (predict a neighborhood distribution per point, and
+compare it, by the head's own divergence, often a :mod:`ctxpred.wasserstein` estimator) ->
 :mod:`ctxpred.loss` (weight and reduce). :func:`ctxpred.attach` is the only part that touches a
 foreign model (forward hooks). Every module has a plain function in :mod:`ctxpred.functional`.
+
+The top level holds what a user writes in a training script; plumbing (prediction types,
+:class:`~ctxpred.attach.ModelWithHeads`, the estimator modules) lives in its submodule. Names of
+the 0.1 release that moved or were renamed still resolve here, with a ``DeprecationWarning``.
 """
 
-from ctxpred import functional
-from ctxpred.attach import CaptureError, ContextPredictor, ModelWithHeads, attach
+from ctxpred import functional, wasserstein
+from ctxpred._deprecation import deprecated_names
+from ctxpred.attach import CaptureError, ContextPredictor, attach
 from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError
 from ctxpred.heads import (
     CategoricalHead,
-    CategoricalPrediction,
     ContextHead,
     GaussianSamplingHead,
     MomentHead,
-    MomentPrediction,
     NaiveHead,
 )
-from ctxpred.loss import ContextLossTerms, ContextPredictionLoss
-from ctxpred.neighborhoods import (
-    MultiStrideNeighborhood,
-    Neighborhood,
-    PixelNeighborhood,
-    TokenNeighborhood,
-)
-from ctxpred.wasserstein import (
-    ExactWasserstein,
-    GaussianWasserstein,
-    SinkhornWasserstein,
-    SlicedWasserstein,
-)
+from ctxpred.loss import ContextPredictionLoss
+from ctxpred.neighborhoods import FeatureNeighborhood, PixelNeighborhood, TokenNeighborhood
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
     "CategoricalHead",
-    "CategoricalPrediction",
     "ContextHead",
-    "ContextLossTerms",
     "ContextPredictionLoss",
     "ContextPredictor",
     "CtxpredError",
     "DTypeError",
-    "ExactWasserstein",
+    "FeatureNeighborhood",
     "GaussianSamplingHead",
-    "GaussianWasserstein",
-    "ModelWithHeads",
     "MomentHead",
-    "MomentPrediction",
-    "MultiStrideNeighborhood",
     "NaiveHead",
-    "Neighborhood",
     "PixelNeighborhood",
     "ShapeError",
-    "SinkhornWasserstein",
-    "SlicedWasserstein",
     "TokenNeighborhood",
     "ValueRangeError",
     "__version__",
     "attach",
     "functional",
+    "wasserstein",
 ]
+
+__getattr__ = deprecated_names(__name__, {
+    "CategoricalPrediction": ("ctxpred.heads", "CategoricalPrediction"),
+    "MomentPrediction": ("ctxpred.heads", "MomentPrediction"),
+    "ModelWithHeads": ("ctxpred.attach", "ModelWithHeads"),
+    "ContextLossTerms": ("ctxpred.loss", "ContextLossTerms"),
+    "Neighborhood": ("ctxpred.neighborhoods", "Neighbors"),
+    "MultiStrideNeighborhood": ("ctxpred.neighborhoods", "FeatureNeighborhood"),
+    "ExactWasserstein": ("ctxpred.wasserstein", "ExactWasserstein"),
+    "GaussianWasserstein": ("ctxpred.wasserstein", "GaussianWasserstein"),
+    "SinkhornWasserstein": ("ctxpred.wasserstein", "SinkhornWasserstein"),
+    "SlicedWasserstein": ("ctxpred.wasserstein", "SlicedWasserstein"),
+})

@@ -194,8 +194,7 @@ class ContextPredictor:
         loss = self.loss_modules[name]
         expected = loss.head.in_channels
         if expected is not None and features.dim() >= 3:
-            _, token_grid = loss.layer_grid(features)
-            channels = features.shape[-1] if token_grid is not None else features.shape[1]
+            channels = loss.layout(features).channels
             if channels != expected:
                 raise ShapeError(
                     f"layer {name!r} outputs {channels} channels (shape "

@@ -2,6 +2,8 @@
 
 Every check in the library raises a subclass of :class:`CtxpredError`, so users can catch the
 library's complaints in one place while still catching ``ValueError`` / ``TypeError`` as usual.
+The ``check_*`` helpers raise them with ctxpred's messages; code built on ctxpred (the reference
+models, your own heads) may use them too.
 
 Example:
     >>> import torch, ctxpred
@@ -18,7 +20,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CtxpredError", "DTypeError", "ShapeError", "ValueRangeError"]
+__all__ = [
+    "CtxpredError",
+    "DTypeError",
+    "ShapeError",
+    "ValueRangeError",
+    "check_floating",
+    "check_integer",
+    "check_rank",
+]
 
 
 class CtxpredError(Exception):
@@ -38,7 +48,11 @@ class ValueRangeError(CtxpredError, ValueError):
 
 
 def check_floating(x: torch.Tensor, name: str) -> None:
-    """Raise :class:`DTypeError` unless ``x`` is a floating-point tensor."""
+    """Raise :class:`DTypeError` unless ``x`` is a floating-point tensor.
+
+    Example:
+        >>> check_floating(torch.zeros(2), "x")
+    """
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

@@ -8,12 +8,17 @@ For a point :math:`i` of a ``d``-dimensional grid, a stride :math:`s` and an odd
     \setminus \{0\} \,\}
 
 (for ``k=3`` in 2-D: the 8 positions of a 3x3 ring dilated by ``s``). Multi-stride context is the
-concatenation over ``strides``. Neighbors outside the grid are *masked out*, never zero-padded
-into the target: their slot in ``values`` holds zeros **and** ``mask`` is ``False``.
+set over ``strides``, kept on its own axis: a result has a stride axis ``S = len(strides)`` and a
+slot axis ``K_s = kernel_size**d - 1`` (``values (B, P, S, K_s, C)``, ``mask (B, P, S, K_s)``).
+Neighbors outside the grid are *masked out*, never zero-padded into the target: their slot in
+``values`` holds zeros **and** ``mask`` is ``False``.
 
-Slot order (the ``K`` axis) is *stride-major*: all offsets of ``strides[0]``, then of
-``strides[1]``, ...; within a stride, offsets in row-major (lexicographic) order of ``delta`` with
-the centre removed. ``K = len(strides) * (kernel_size**d - 1)``.
+Slot order within a stride: offsets in row-major (lexicographic) order of ``delta`` with the
+centre removed (:func:`neighbor_offsets` lists all ``S * K_s`` offsets stride-major).
+
+Names: :class:`Neighbors` is the *result* (values, mask, points); :class:`PixelNeighborhood`,
+:class:`FeatureNeighborhood` and :class:`TokenNeighborhood` are the *extractors* (modules).
+``Neighborhood`` and ``MultiStrideNeighborhood`` are deprecated aliases of the last release.
 
 Layouts accepted:
 
@@ -32,12 +37,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ctxpred import _layout
+from ctxpred._deprecation import deprecated_names
 from ctxpred.errors import (
     ShapeError,
     ValueRangeError,
@@ -46,8 +54,8 @@ from ctxpred.errors import (
 )
 
 __all__ = [
-    "MultiStrideNeighborhood",
-    "Neighborhood",
+    "FeatureNeighborhood",
+    "Neighbors",
     "PixelNeighborhood",
     "TokenNeighborhood",
     "gather_points",
@@ -59,23 +67,36 @@ __all__ = [
 PointsSpec = int | Tensor | None
 
 
-class Neighborhood(NamedTuple):
-    """What an extractor returns.
+class Neighbors(NamedTuple):
+    """What an extractor returns: the neighbors of each query point, per stride.
 
     Attributes:
-        values: neighbor values ``(B, P, K, C)`` (floats), or neighbor token ids ``(B, P, K)``
-            (long) from :func:`token_neighbors`. Masked slots hold 0.
-        mask: ``(B, P, K)`` bool, ``True`` where the neighbor lies inside the grid.
-        stride_index: ``(K,)`` long; slot ``k`` belongs to ``strides[stride_index[k]]``.
+        values: neighbor values ``(B, P, S, K_s, C)`` (floats), or neighbor token ids
+            ``(B, P, S, K_s)`` (long) from :func:`token_neighbors`. Masked slots hold 0.
+        mask: ``(B, P, S, K_s)`` bool, ``True`` where the neighbor lies inside the grid.
         points: flat row-major indices of the query points, ``(P,)`` or ``(B, P)``.
-        strides: the strides, in slot order.
+        strides: the strides, in the order of the ``S`` axis.
+
+    Example:
+        >>> nb = neighbors(torch.randn(1, 2, 4, 4), strides=(1, 2))
+        >>> nb.values.shape, nb.mask.shape, nb.strides
+        (torch.Size([1, 16, 2, 8, 2]), torch.Size([1, 16, 2, 8]), (1, 2))
     """
 
     values: Tensor
     mask: Tensor
-    stride_index: Tensor
     points: Tensor
     strides: tuple[int, ...]
+
+    @property
+    def stride_index(self) -> Tensor:
+        """Deprecated: ``(S * K_s,)`` stride of each slot of the old flat slot axis."""
+        warnings.warn(
+            "Neighbors.stride_index is deprecated: values and mask keep the stride axis "
+            "(B, P, S, K_s[, C]) now", DeprecationWarning, stacklevel=2,
+        )
+        num, per = self.mask.shape[-2], self.mask.shape[-1]
+        return torch.arange(num, device=self.mask.device).repeat_interleave(per)
 
 
 def _validate_strides_kernel(
@@ -122,37 +143,6 @@ def neighbor_offsets(
     offsets = [[s * c for c in d] for s in strides for d in deltas]
     stride_index = [j for j in range(len(strides)) for _ in deltas]
     return torch.tensor(offsets, dtype=torch.long), torch.tensor(stride_index, dtype=torch.long)
-
-
-def _to_points_last(
-    x: Tensor, grid_shape: Sequence[int] | None, name: str
-) -> tuple[Tensor, tuple[int, ...]]:
-    """``x`` as ``(B, P, C)`` (or ``(B, P)`` for ids) plus the spatial shape."""
-    if grid_shape is not None:
-        grid_shape = tuple(int(g) for g in grid_shape)
-        if len(grid_shape) not in (1, 2, 3) or any(g <= 0 for g in grid_shape):
-            raise ShapeError(
-                f"grid_shape must be 1 to 3 positive sizes, e.g. (h, w), got {grid_shape}"
-            )
-        if x.dim() != 3:
-            raise ShapeError(
-                f"{name} with grid_shape must be a token sequence (B, L, C), "
-                f"got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != math.prod(grid_shape):
-            raise ShapeError(
-                f"grid_shape {grid_shape} has {math.prod(grid_shape)} points but {name} "
-                f"(B, L, C) = {tuple(x.shape)} has L = {x.shape[1]}"
-            )
-        return x, grid_shape
-    if x.dim() not in (3, 4, 5):
-        raise ShapeError(
-            f"{name} must be channels-first (B, C, *spatial) with 1-3 spatial dims (rank 3-5), "
-            f"or (B, L, C) with grid_shape=...; got shape {tuple(x.shape)} (rank {x.dim()})"
-        )
-    spatial = tuple(x.shape[2:])
-    # (B, C, *spatial) -> (B, P, C); for a channels_last input this is a view.
-    return x.flatten(2).transpose(1, 2), spatial
 
 
 def _check_reachable(
@@ -204,17 +194,43 @@ def _resolve_points(
     return points.to(device=device, dtype=torch.long)
 
 
+_INDEX_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _index_constants(
+    spatial: tuple[int, ...], strides: tuple[int, ...], kernel_size: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Offsets ``(K, d)``, grid sizes ``(d,)`` and row-major strides ``(d,)`` on ``device``.
+
+    Built on the host once per (grid, strides, kernel, device) and kept: later calls copy
+    nothing to the device (no host-to-device transfer inside the training loop).
+    """
+    key = (spatial, strides, kernel_size, str(device))
+    cached = None if torch.compiler.is_compiling() else _INDEX_CACHE.get(key)
+    if cached is not None:
+        return cached
+    offsets, _ = neighbor_offsets(len(spatial), strides, kernel_size)
+    row_major = [math.prod(spatial[j + 1:]) for j in range(len(spatial))]
+    constants = (
+        offsets.to(device),
+        torch.tensor(spatial, dtype=torch.long, device=device),
+        torch.tensor(row_major, dtype=torch.long, device=device),
+    )
+    if not torch.compiler.is_compiling():
+        if len(_INDEX_CACHE) >= 256:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = constants
+    return constants
+
+
 def _neighbor_index(
     spatial: tuple[int, ...],
     strides: tuple[int, ...],
     kernel_size: int,
     points: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Flat neighbor indices ``(..., P, K)`` (0 where invalid), mask, and stride_index."""
-    offsets, stride_index = neighbor_offsets(len(spatial), strides, kernel_size)
-    device = points.device
-    offsets = offsets.to(device)
-    sizes = torch.tensor(spatial, dtype=torch.long, device=device)
+) -> tuple[Tensor, Tensor]:
+    """Flat neighbor indices ``(..., P, K)`` (0 where invalid) and their validity mask."""
+    offsets, sizes, row_major = _index_constants(spatial, strides, kernel_size, points.device)
     # Row-major unravel of the query points: coords (..., P, d).
     coords = []
     rem = points
@@ -224,12 +240,9 @@ def _neighbor_index(
     coords = torch.stack(coords[::-1], dim=-1)
     nb = coords.unsqueeze(-2) + offsets  # (..., P, K, d)
     valid = ((nb >= 0) & (nb < sizes)).all(dim=-1)
-    strides_rm = torch.tensor(
-        [math.prod(spatial[j + 1 :]) for j in range(len(spatial))], dtype=torch.long, device=device
-    )
-    flat = (nb.clamp(min=0) * strides_rm).sum(-1)
+    flat = (nb.clamp(min=0) * row_major).sum(-1)
     flat = torch.where(valid, flat, torch.zeros_like(flat))
-    return flat, valid, stride_index.to(device)
+    return flat, valid
 
 
 def _gather(x_pts: Tensor, index: Tensor) -> Tensor:
@@ -249,11 +262,11 @@ def gather_points(
 ) -> Tensor:
     """The representation at the query points, ``(B, P, C)``.
 
-    Use it to read a layer's features at the same points a :class:`Neighborhood` was built for.
+    Use it to read a layer's features at the same points a :class:`Neighbors` result was built for.
 
     Args:
         x: ``(B, C, *spatial)`` or ``(B, L, C)`` with ``grid_shape``.
-        points: flat indices ``(P,)`` or ``(B, P)`` (e.g. ``Neighborhood.points``).
+        points: flat indices ``(P,)`` or ``(B, P)`` (e.g. ``Neighbors.points``).
         grid_shape: the token grid, for sequence inputs.
 
     Returns:
@@ -264,7 +277,7 @@ def gather_points(
         >>> gather_points(x, torch.tensor([0, 3])).tolist()
         [[[0.0, 4.0], [3.0, 7.0]]]
     """
-    x_pts, _ = _to_points_last(x, grid_shape, "x")
+    x_pts = _layout.to_points(x, _layout.describe(x, grid_shape, name="x"))
     if points.dim() == 1:
         return x_pts[:, points]
     return _gather(x_pts, points.unsqueeze(-1)).squeeze(-2)
@@ -278,17 +291,19 @@ def _extract(
     points: PointsSpec,
     generator: torch.Generator | None,
     allow_empty: bool,
-) -> Neighborhood:
+) -> Neighbors:
     strides, kernel_size = _validate_strides_kernel(strides, kernel_size)
     _check_reachable(spatial, strides, allow_empty)
     batch, num = x_pts.shape[0], x_pts.shape[1]
     pts = _resolve_points(points, num, batch, x_pts.device, generator)
-    index, valid, stride_index = _neighbor_index(spatial, strides, kernel_size, pts)
+    index, valid = _neighbor_index(spatial, strides, kernel_size, pts)
     values = _gather(x_pts, index)
     mask = valid if valid.dim() == 3 else valid.unsqueeze(0).expand(batch, *valid.shape)
     m = mask.unsqueeze(-1) if values.dim() == 4 else mask
     values = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    return Neighborhood(values, mask, stride_index, pts, strides)
+    # stride-major slots K = S * K_s -> (S, K_s): a view, no copy
+    split = (len(strides), mask.shape[-1] // len(strides))
+    return Neighbors(values.unflatten(2, split), mask.unflatten(2, split), pts, strides)
 
 
 def neighbors(
@@ -300,13 +315,14 @@ def neighbors(
     points: PointsSpec = None,
     generator: torch.Generator | None = None,
     allow_empty: bool = False,
-) -> Neighborhood:
+) -> Neighbors:
     r"""Multi-stride neighbor values of every (or some) grid point, with a validity mask.
 
-    ``values[b, p, k] = x[b, :, q_p + o_k]`` where ``q_p`` is query point ``p`` and ``o_k`` the
-    ``k``-th offset (see :func:`neighbor_offsets`); ``mask[b, p, k]`` says whether
-    ``q_p + o_k`` is inside the grid. Gradients flow from ``values`` into ``x`` (detach the input
-    for a stop-gradient target, or use :class:`MultiStrideNeighborhood`).
+    ``values[b, p, s, k] = x[b, :, q_p + o_{s,k}]`` where ``q_p`` is query point ``p`` and
+    ``o_{s,k}`` the ``k``-th offset of stride ``s`` (see :func:`neighbor_offsets`);
+    ``mask[b, p, s, k]`` says whether ``q_p + o_{s,k}`` is inside the grid. Gradients flow from
+    ``values`` into ``x`` (detach the input for a stop-gradient target, or use
+    :class:`FeatureNeighborhood`).
 
     Args:
         x: floating ``(B, C, *spatial)`` with 1-3 spatial dims, or ``(B, L, C)`` with
@@ -320,8 +336,8 @@ def neighbors(
             instead of raising.
 
     Returns:
-        :class:`Neighborhood` with ``values (B, P, K, C)``, ``mask (B, P, K)``,
-        ``stride_index (K,)`` and ``points``.
+        :class:`Neighbors` with ``values (B, P, S, K_s, C)``, ``mask (B, P, S, K_s)``,
+            ``points`` and ``strides``.
 
     Raises:
         ShapeError: wrong rank, or ``grid_shape`` not matching ``L``.
@@ -331,14 +347,16 @@ def neighbors(
     Example:
         >>> img = torch.randn(4, 3, 16, 16)
         >>> nb = neighbors(img, strides=(1, 2, 3))
-        >>> nb.values.shape, nb.mask.shape, nb.stride_index.shape
-        (torch.Size([4, 256, 24, 3]), torch.Size([4, 256, 24]), torch.Size([24]))
-        >>> int(nb.mask[0, 0].sum())  # a corner sees 3 neighbors per stride
-        9
+        >>> nb.values.shape, nb.mask.shape
+        (torch.Size([4, 256, 3, 8, 3]), torch.Size([4, 256, 3, 8]))
+        >>> nb.mask[0, 0].sum(-1).tolist()  # a corner sees 3 neighbors per stride
+        [3, 3, 3]
     """
     check_floating(x, "x")
-    x_pts, spatial = _to_points_last(x, grid_shape, "x")
-    return _extract(x_pts, spatial, strides, kernel_size, points, generator, allow_empty)
+    lay = _layout.describe(x, grid_shape, name="x")
+    return _extract(
+        _layout.to_points(x, lay), lay.grid, strides, kernel_size, points, generator, allow_empty
+    )
 
 
 def token_neighbors(
@@ -350,7 +368,7 @@ def token_neighbors(
     points: PointsSpec = None,
     generator: torch.Generator | None = None,
     allow_empty: bool = False,
-) -> Neighborhood:
+) -> Neighbors:
     """Multi-stride neighbor *token ids* of every (or some) grid point.
 
     Args:
@@ -359,31 +377,17 @@ def token_neighbors(
         grid_shape: ``(h, w)`` etc. for flat sequences ``(B, L)``.
 
     Returns:
-        :class:`Neighborhood` with ``values (B, P, K)`` long (0 in masked slots) and
-        ``mask (B, P, K)``.
+        :class:`Neighbors` with ``values (B, P, S, K_s)`` long (0 in masked slots) and
+            ``mask (B, P, S, K_s)``.
 
     Example:
         >>> ids = torch.arange(9).reshape(1, 3, 3)
         >>> nb = token_neighbors(ids, points=torch.tensor([4]))
-        >>> nb.values[0, 0].tolist()
+        >>> nb.values[0, 0, 0].tolist()
         [0, 1, 2, 3, 5, 6, 7, 8]
     """
     check_integer(ids, "ids")
-    if grid_shape is not None:
-        if ids.dim() != 2:
-            raise ShapeError(
-                f"ids with grid_shape must be (B, L), got shape {tuple(ids.shape)}"
-            )
-        x_pts, spatial = _to_points_last(ids.unsqueeze(-1), grid_shape, "ids")
-        x_pts = x_pts.squeeze(-1)
-    else:
-        if ids.dim() not in (2, 3, 4):
-            raise ShapeError(
-                f"ids must be (B, *spatial) with 1-3 spatial dims (rank 2-4), "
-                f"got shape {tuple(ids.shape)} (rank {ids.dim()})"
-            )
-        spatial = tuple(ids.shape[1:])
-        x_pts = ids.reshape(ids.shape[0], -1)
+    x_pts, spatial = _layout.ids_to_points(ids, grid_shape)
     return _extract(x_pts.long(), spatial, strides, kernel_size, points, generator, allow_empty)
 
 
@@ -410,40 +414,55 @@ class PixelNeighborhood(_NeighborhoodModule):
 
     A thin module over :func:`neighbors`; the target signal carries no gradient by nature.
 
+    Args:
+        strides: the dilations, e.g. ``(1, 2, 3)``.
+        kernel_size: odd ``k >= 3``.
+        grid_shape: token grid of ``(B, L, C)`` inputs.
+        allow_empty: allow a stride with no neighbor in the grid (all-False mask).
+
     Shape:
         - input: ``(B, C, *spatial)`` or ``(B, L, C)`` with ``grid_shape``
-        - output: :class:`Neighborhood` with ``values (B, P, K, C)``, ``mask (B, P, K)``
+        - output: :class:`Neighbors` with ``values (B, P, S, K_s, C)``, ``mask (B, P, S, K_s)``
 
     Example:
         >>> nb = PixelNeighborhood(strides=(1, 2))(torch.randn(2, 3, 8, 8))
         >>> nb.values.shape
-        torch.Size([2, 64, 16, 3])
+        torch.Size([2, 64, 2, 8, 3])
     """
 
     def forward(
         self, x: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
-    ) -> Neighborhood:
+    ) -> Neighbors:
         return neighbors(
             x, self.strides, self.kernel_size, self.grid_shape,
             points=points, generator=generator, allow_empty=self.allow_empty,
         )
 
 
-class MultiStrideNeighborhood(_NeighborhoodModule):
-    """Context of a *feature map* of the network itself, at several strides.
+class FeatureNeighborhood(_NeighborhoodModule):
+    """Context of a *feature map* of the network itself (feature context), at several strides.
 
-    The target is detached by default (stop-gradient): otherwise constant features satisfy the
-    loss trivially. ``detach=False`` keeps gradients, explicitly.
+    The same extraction as :class:`PixelNeighborhood`, but the target is detached by default
+    (stop-gradient): otherwise constant features satisfy the loss trivially. ``detach=False``
+    keeps gradients, explicitly. (Named ``MultiStrideNeighborhood`` in 0.1; that name is a
+    deprecated alias.)
+
+    Args:
+        strides: the dilations.
+        kernel_size: odd ``k >= 3``.
+        grid_shape: token grid of ``(B, L, C)`` inputs.
+        allow_empty: allow a stride with no neighbor in the grid (all-False mask).
+        detach: stop the gradient into the target features.
 
     Shape:
         - input: ``(B, C, *spatial)`` or ``(B, L, C)`` with ``grid_shape``
-        - output: :class:`Neighborhood` with ``values (B, P, K, C)``, ``mask (B, P, K)``
+        - output: :class:`Neighbors` with ``values (B, P, S, K_s, C)``, ``mask (B, P, S, K_s)``
 
     Example:
         >>> feat = torch.randn(2, 16, 8, 8, requires_grad=True)
-        >>> nb = MultiStrideNeighborhood(strides=(1, 2, 3))(feat)
+        >>> nb = FeatureNeighborhood(strides=(1, 2, 3))(feat)
         >>> nb.values.shape, nb.values.requires_grad
-        (torch.Size([2, 64, 24, 16]), False)
+        (torch.Size([2, 64, 3, 8, 16]), False)
     """
 
     def __init__(
@@ -459,7 +478,7 @@ class MultiStrideNeighborhood(_NeighborhoodModule):
 
     def forward(
         self, x: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
-    ) -> Neighborhood:
+    ) -> Neighbors:
         return neighbors(
             x.detach() if self.detach else x, self.strides, self.kernel_size, self.grid_shape,
             points=points, generator=generator, allow_empty=self.allow_empty,
@@ -475,21 +494,21 @@ class TokenNeighborhood(_NeighborhoodModule):
     Args:
         strides, kernel_size, grid_shape, allow_empty: as in :func:`token_neighbors`.
         codebook: optional ``(V, C)`` embedding; if given, ``forward`` also returns the
-            neighbor embeddings as ``values (B, P, K, C)`` (the ids stay available via
+            neighbor embeddings as ``values (B, P, S, K_s, C)`` (the ids stay available via
             :meth:`ids`). Stored as a buffer (not trained); pass an ``nn.Embedding``'s weight
             and call :meth:`set_codebook` to refresh it.
 
     Shape:
         - input: integer ``(B, *spatial)`` or ``(B, L)`` with ``grid_shape``
-        - output: :class:`Neighborhood`, ``values (B, P, K)`` long, or ``(B, P, K, C)`` with a
-          codebook
+        - output: :class:`Neighbors`, ``values (B, P, S, K_s)`` long, or
+          ``(B, P, S, K_s, C)`` with a codebook
 
     Example:
         >>> ids = torch.randint(0, 17, (2, 8, 8))
         >>> TokenNeighborhood(strides=(1, 2))(ids).values.shape
-        torch.Size([2, 64, 16])
+        torch.Size([2, 64, 2, 8])
         >>> TokenNeighborhood(codebook=torch.randn(17, 4))(ids).values.shape
-        torch.Size([2, 64, 8, 4])
+        torch.Size([2, 64, 1, 8, 4])
     """
 
     codebook: Tensor | None
@@ -516,8 +535,8 @@ class TokenNeighborhood(_NeighborhoodModule):
 
     def ids(
         self, ids: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
-    ) -> Neighborhood:
-        """Neighbor ids ``(B, P, K)`` regardless of the codebook."""
+    ) -> Neighbors:
+        """Neighbor ids ``(B, P, S, K_s)`` regardless of the codebook."""
         return token_neighbors(
             ids, self.strides, self.kernel_size, self.grid_shape,
             points=points, generator=generator, allow_empty=self.allow_empty,
@@ -525,7 +544,7 @@ class TokenNeighborhood(_NeighborhoodModule):
 
     def forward(
         self, ids: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
-    ) -> Neighborhood:
+    ) -> Neighbors:
         nb = self.ids(ids, points, generator)
         if self.codebook is None:
             return nb
@@ -533,3 +552,9 @@ class TokenNeighborhood(_NeighborhoodModule):
         emb = self.codebook[nb.values.clamp(0, vocab - 1)]
         emb = emb * nb.mask.unsqueeze(-1).to(emb.dtype)
         return nb._replace(values=emb)
+
+
+__getattr__ = deprecated_names(__name__, {
+    "Neighborhood": ("ctxpred.neighborhoods", "Neighbors"),
+    "MultiStrideNeighborhood": ("ctxpred.neighborhoods", "FeatureNeighborhood"),
+})

@@ -15,7 +15,7 @@ Writes to ``--out`` (default ``results/``, gitignored):
 With the defaults it took 512 s in total (183 s + 263 s of training) on a 2-core CPU shared with
 other jobs, with one torch thread.
 
-Metrics (``benchmarks.metrics``, lower is better): Laplacian-pyramid patch SWD of samples vs
+Metrics (``reference_models.metrics``, lower is better): Laplacian-pyramid patch SWD of samples vs
 held-out crops, the (pixel, neighbor) joint-distribution discrepancy at strides 1..3, and masked
 MSE / SWD of centre-hole inpainting. The "real vs real" row compares training crops with the
 held-out crops: the floor a perfect model would reach at this sample size.
@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.metrics import inpainting_metrics, neighborhood_discrepancy, swd_laplacian
 from reference_models.continuous import ContextConfig, TrainConfig, Trainer, center_mask
 from reference_models.data import load_dataset, load_image_data
+from reference_models.metrics import inpainting_metrics, neighborhood_discrepancy, swd_laplacian
 
 __all__ = ["evaluate", "main", "parse_args"]
 

@@ -216,7 +216,7 @@ def test_lazy_heads_initialize_before_the_optimizer():
 def test_targets_per_layer_and_feature_targets():
     model, x = Net(), torch.randn(1, 3, 8, 8)
     feature_loss = ContextPredictionLoss(
-        ctxpred.MultiStrideNeighborhood(strides=(1,)), GaussianSamplingHead(8, 8, num_samples=4))
+        ctxpred.FeatureNeighborhood(strides=(1,)), GaussianSamplingHead(8, 8, num_samples=4))
     predictor = ctxpred.attach(model, {"mid": _loss(), "up": feature_loss})
     model(x)
     losses = predictor.losses({"mid": x})  # "up" gets None: its own (detached) features

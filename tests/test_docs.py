@@ -189,11 +189,11 @@ def test_rst_extension_rewrites_math_tables_literals_and_roles() -> None:
     ])
     loader = griffe.GriffeLoader()
     package = loader.load("ctxpred")
-    extension = ext.RstDocstrings(link_modules=["ctxpred.neighborhoods", "ctxpred.heads"])
+    extension = ext.RstDocstrings(link_modules=["ctxpred.neighborhoods", "ctxpred.heads.naive"])
     out = extension._rewrite(text, package["neighborhoods"], loader)
     assert "$W_p^p$" in out and "$$\na = b\n$$" in out
     assert "[`neighbors`][ctxpred.neighborhoods.neighbors]" in out
-    assert "[`NaiveHead`][ctxpred.heads.NaiveHead]" in out
+    assert "[`NaiveHead`][ctxpred.heads.naive.NaiveHead]" in out
     assert "`_private_helper`" in out and "[`_private_helper`]" not in out
     assert "| name | what |\n|---|---|\n| x | first |\n| y | second |" in out
     assert "Usage:\n\n```python\nf(x)\n```" in out

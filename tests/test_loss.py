@@ -14,29 +14,27 @@ from hypothesis import strategies as st
 
 from ctxpred import (
     CategoricalHead,
-    CategoricalPrediction,
     ContextPredictionLoss,
     DTypeError,
+    FeatureNeighborhood,
     GaussianSamplingHead,
     MomentHead,
-    MomentPrediction,
-    MultiStrideNeighborhood,
     NaiveHead,
     PixelNeighborhood,
     ShapeError,
     TokenNeighborhood,
     ValueRangeError,
 )
+from ctxpred._layout import resize_target
 from ctxpred.functional import (
     categorical_divergence,
-    group_by_stride,
     moment_divergence,
     naive_divergence,
     neighbors,
     reduce_context_loss,
-    resize_target,
     sample_divergence,
 )
+from ctxpred.heads import CategoricalPrediction, MomentPrediction
 
 FAST = settings(max_examples=12, deadline=None)
 
@@ -46,16 +44,25 @@ def _random_mask(gen, shape, p=0.7):
 
 
 # -- functional parts ----------------------------------------------------------------------------
-def test_group_by_stride_matches_stride_index():
+def test_deprecated_group_by_stride_and_stride_index_still_work():
     nb = neighbors(torch.randn(2, 3, 6, 6), strides=(1, 2, 3))
-    values, mask = group_by_stride(nb.values, nb.mask, 3)
-    assert values.shape == (2, 36, 3, 8, 3) and mask.shape == (2, 36, 3, 8)
+    assert nb.values.shape == (2, 36, 3, 8, 3) and nb.mask.shape == (2, 36, 3, 8)
+    flat_values, flat_mask = nb.values.flatten(2, 3), nb.mask.flatten(2, 3)
+    with pytest.warns(DeprecationWarning, match="group_by_stride"):
+        from ctxpred.functional import group_by_stride
+    with pytest.warns(DeprecationWarning, match=r"\(B, P, S, K_s\)"):
+        values, mask = group_by_stride(flat_values, flat_mask, 3)
+    assert torch.equal(values, nb.values) and torch.equal(mask, nb.mask)
+    with pytest.warns(DeprecationWarning):
+        same = group_by_stride(nb.values, nb.mask, 3)  # already grouped: returned as it is
+    assert same[0] is nb.values and same[1] is nb.mask
+    with pytest.warns(DeprecationWarning, match="stride_index"):
+        stride_index = nb.stride_index
     for s in range(3):
-        sel = nb.stride_index == s
-        torch.testing.assert_close(values[:, :, s], nb.values[:, :, sel])
-        assert torch.equal(mask[:, :, s], nb.mask[:, :, sel])
-    with pytest.raises(ShapeError, match="do not split"):
-        group_by_stride(nb.values, nb.mask, 5)
+        sel = stride_index == s
+        assert torch.equal(flat_values[:, :, sel], nb.values[:, :, s])
+    with pytest.warns(DeprecationWarning), pytest.raises(ShapeError, match="do not split"):
+        group_by_stride(flat_values, flat_mask, 5)
 
 
 @FAST
@@ -256,7 +263,7 @@ def test_loss_matches_functional_composition():
     nb = neighbors(resize_target(target, (4, 4)), strides=(1, 2))
     z = feats.flatten(2).transpose(1, 2)
     samples = loss_fn.head(z, generator=torch.Generator().manual_seed(5))
-    values, mask = group_by_stride(nb.values, nb.mask, 2)
+    values, mask = nb.values, nb.mask
     per_point = sample_divergence(samples, values, mask, "exact")
     torch.testing.assert_close(terms.per_point, per_point)
     total, _ = reduce_context_loss(per_point, mask.any(-1), torch.tensor([1.0, 0.5]))
@@ -290,7 +297,7 @@ def test_point_without_valid_neighbor_contributes_nothing_and_no_nan():
 
 def test_feature_target_is_detached_and_token_layout():
     loss_fn = ContextPredictionLoss(
-        MultiStrideNeighborhood(strides=(1,)), GaussianSamplingHead(5, 5, num_samples=4),
+        FeatureNeighborhood(strides=(1,)), GaussianSamplingHead(5, 5, num_samples=4),
         grid_shape=(3, 4),
     )
     tokens = torch.randn(2, 12, 5, requires_grad=True)
@@ -299,7 +306,7 @@ def test_feature_target_is_detached_and_token_layout():
     # the same features as a channels-first map give the same value (same noise)
     fmap = tokens.detach().transpose(1, 2).reshape(2, 5, 3, 4)
     a = loss_fn(tokens, generator=torch.Generator().manual_seed(0))
-    b = ContextPredictionLoss(MultiStrideNeighborhood(strides=(1,)), loss_fn.head)(
+    b = ContextPredictionLoss(FeatureNeighborhood(strides=(1,)), loss_fn.head)(
         fmap, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(a, b)
 

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import wasserstein_distance
 
-from benchmarks.metrics import (
+from ctxpred.errors import CtxpredError
+from reference_models.data import load_dataset, load_digits_with_labels
+from reference_models.metrics import (
     digits_classifier,
     frechet_digits_distance,
     frechet_distance,
@@ -19,8 +21,6 @@ from benchmarks.metrics import (
     sliced_wasserstein,
     swd_laplacian,
 )
-from ctxpred.errors import CtxpredError
-from reference_models.data import load_dataset, load_digits_with_labels
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _blur(x: torch.Tensor) -> torch.Tensor:
 def test_laplacian_pyramid_reconstructs() -> None:
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     levels = laplacian_pyramid(x, 3)
-    from benchmarks.metrics import _pyr_up
+    from reference_models.metrics import _pyr_up
 
     rec = levels[-1]
     for lap in reversed(levels[:-1]):

@@ -59,12 +59,14 @@ def test_matches_naive_loop(cfg, seed):
     batch, channels, spatial, kernel, strides = cfg
     x = torch.randn(batch, channels, *spatial, generator=torch.Generator().manual_seed(seed))
     nb = F.neighbors(x, strides=strides, kernel_size=kernel)
-    values, mask = naive_neighbors(x, strides, kernel)
-    assert nb.values.shape == values.shape
+    values, mask = naive_neighbors(x, strides, kernel)  # flat stride-major slots (B, P, K, C)
+    k_per = kernel ** len(spatial) - 1
+    values = values.unflatten(2, (len(strides), k_per))
+    mask = mask.unflatten(2, (len(strides), k_per))
+    assert nb.values.shape == values.shape == (batch, x[0, 0].numel(), len(strides), k_per,
+                                               channels)
     assert torch.equal(nb.mask, mask)
     assert torch.equal(nb.values, values)
-    k_per = kernel ** len(spatial) - 1
-    assert nb.stride_index.tolist() == [j for j in range(len(strides)) for _ in range(k_per)]
     assert nb.strides == strides
 
 
@@ -92,7 +94,7 @@ def test_valid_counts_at_corners_edges_interior(spatial, point, expected):
 
 def test_stride_two_counts():
     nb = F.neighbors(torch.randn(1, 1, 5, 5), strides=(1, 2))
-    counts = nb.mask[0].reshape(5, 5, 2, 8).sum(-1)
+    counts = nb.mask[0].reshape(5, 5, 2, 8).sum(-1)  # (P, S, K_s) -> (h, w, S)
     # stride 2 at the centre of a 5x5 grid reaches the outer ring: all 8 valid.
     assert counts[2, 2].tolist() == [8, 8]
     # stride 2 from (1, 1) leaves the grid up/left: only (1,3),(3,1),(3,3) remain.
@@ -141,12 +143,12 @@ def test_gradients_flow_unless_detached():
     x = torch.randn(1, 2, 5, 5, requires_grad=True)
     F.neighbors(x, strides=(1,)).values.sum().backward()
     # every pixel is the neighbor of as many points as it has in-grid neighbors itself
-    counts = F.neighbors(torch.ones(1, 1, 5, 5)).mask[0].sum(-1).reshape(5, 5).float()
+    counts = F.neighbors(torch.ones(1, 1, 5, 5)).mask[0].sum((-2, -1)).reshape(5, 5).float()
     assert torch.equal(x.grad[0, 0], counts)
     feat = torch.randn(1, 2, 5, 5, requires_grad=True)
-    nb = ctxpred.MultiStrideNeighborhood(strides=(1, 2))(feat)
+    nb = ctxpred.FeatureNeighborhood(strides=(1, 2))(feat)
     assert not nb.values.requires_grad
-    nb = ctxpred.MultiStrideNeighborhood(strides=(1, 2), detach=False)(feat)
+    nb = ctxpred.FeatureNeighborhood(strides=(1, 2), detach=False)(feat)
     nb.values.sum().backward()
     assert feat.grad is not None and feat.grad.abs().sum() > 0
 
@@ -166,7 +168,7 @@ def test_points_subset_index_and_random():
     assert torch.equal(F.gather_points(x, per_batch)[1], x.flatten(2).transpose(1, 2)[1, [30, 31]])
     g = torch.Generator().manual_seed(0)
     rnd = F.neighbors(x, strides=(1,), points=10, generator=g)
-    assert rnd.values.shape == (2, 10, 8, 3)
+    assert rnd.values.shape == (2, 10, 1, 8, 3)
     assert rnd.points.unique().numel() == 10
     assert torch.equal(rnd.values, f1.values[:, rnd.points])
     assert torch.equal(F.gather_points(x, rnd.points), x.flatten(2).transpose(1, 2)[:, rnd.points])
@@ -183,7 +185,7 @@ def test_token_neighbors_and_codebook():
     assert torch.equal(seq.values, nb.values)
     codebook = torch.randn(10, 4)
     emb = ctxpred.TokenNeighborhood(strides=(1, 2), codebook=codebook)(ids)
-    assert emb.values.shape == (2, 25, 16, 4)
+    assert emb.values.shape == (2, 25, 2, 8, 4)
     expected = codebook[nb.values] * nb.mask.unsqueeze(-1)
     assert torch.equal(emb.values, expected)
 
@@ -193,7 +195,7 @@ def test_allow_empty_stride():
     with pytest.raises(ValueRangeError, match="stride 3 leaves no valid neighbor"):
         F.neighbors(x, strides=(1, 3))
     nb = F.neighbors(x, strides=(1, 3), allow_empty=True)
-    assert not nb.mask[..., 8:].any() and nb.mask[..., :8].any()
+    assert not nb.mask[..., 1, :].any() and nb.mask[..., 0, :].any()
 
 
 @pytest.mark.parametrize(

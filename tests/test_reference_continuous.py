@@ -145,7 +145,7 @@ def test_context_loss_reaches_the_unet() -> None:
 @pytest.mark.parametrize("module_name", [
     "reference_models.data", "reference_models.continuous.unet",
     "reference_models.continuous.diffusion", "reference_models.continuous.ema",
-    "reference_models.continuous.train", "benchmarks.metrics", "benchmarks.quality",
+    "reference_models.continuous.train", "reference_models.metrics", "benchmarks.quality",
 ])
 def test_docstring_examples_run(module_name: str) -> None:
     """The examples in these docstrings are documentation too (pytest collects only ctxpred/)."""

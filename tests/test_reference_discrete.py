@@ -301,12 +301,13 @@ def test_train_resumes_exactly_from_an_atomic_checkpoint(tmp_path, monkeypatch):
 def test_quality_benchmark_section_lists_paired_runs():
     import argparse
 
+    from benchmarks import quality
     from benchmarks.quality import PRESETS
     from reference_models.discrete.evaluate import QUALITY_PRESETS, quality_section
 
     args = argparse.Namespace(preset="smoke", datasets=["digits"], device="cpu",
                               no_progress=True)
-    specs = quality_section(PRESETS["smoke"], args)
+    specs = quality_section(PRESETS["smoke"], args, quality)
     keys = sorted(spec.key for spec in specs)
     seeds = PRESETS["smoke"].seeds
     assert keys == sorted(f"digits/{v}/{s}" for v in ("baseline", "context") for s in seeds)

@@ -19,15 +19,24 @@ method             what it computes
 ``"geomloss"``     :func:`geomloss_wasserstein`: geomloss ``SamplesLoss`` (optional extra)
 =================  =====================================================================
 
+Estimators live in one registry (:data:`ESTIMATORS` view, :func:`available_estimators`). Add your
+own with :func:`register_estimator`; then ``wasserstein(..., method=name)`` and
+``ContextPredictionLoss(..., estimator=name)`` both find it. :data:`DEFAULT_ESTIMATOR` is the
+default of :func:`wasserstein`, :data:`LOSS_ESTIMATOR` the default of the loss and the head
+divergences.
+
 ``check_finite=True`` (the default) checks inputs for NaN/Inf and negative weights at the cost of
 one host sync; training loops pass ``check_finite=False``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import inspect
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ctxpred.errors import ValueRangeError
 from ctxpred.wasserstein.adapters import geomloss_wasserstein, pot_wasserstein
@@ -42,34 +51,145 @@ from ctxpred.wasserstein.sinkhorn import SinkhornWasserstein, sinkhorn_wasserste
 from ctxpred.wasserstein.sliced import SlicedWasserstein, random_directions, sliced_wasserstein
 
 __all__ = [
+    "DEFAULT_ESTIMATOR",
+    "ESTIMATORS",
+    "LOSS_ESTIMATOR",
+    "Estimator",
+    "EstimatorSpec",
     "ExactWasserstein",
     "GaussianWasserstein",
     "Method",
     "SinkhornWasserstein",
     "SlicedWasserstein",
     "assignment",
+    "available_estimators",
     "exact_wasserstein",
     "gaussian_w2",
     "gaussian_wasserstein",
     "geomloss_wasserstein",
     "pot_wasserstein",
     "random_directions",
+    "register_estimator",
+    "resolve_estimator",
     "sinkhorn_wasserstein",
     "sliced_wasserstein",
     "sqrtm_psd",
+    "unregister_estimator",
     "wasserstein",
 ]
 
-Method = Literal["exact", "sinkhorn", "sliced", "gaussian", "pot", "geomloss"]
+#: A registered estimator name (see :func:`available_estimators`).
+Method = str
+#: What a loss or a divergence calls: ``(x, y, x_weights, y_weights) -> (...)`` values.
+Estimator = Callable[[Tensor, Tensor, "Tensor | None", "Tensor | None"], Tensor]
+#: A name, an ``nn.Module`` or a callable ``(x, y, x_weights, y_weights) -> (...)``.
+EstimatorSpec = str | Estimator | nn.Module
 
-_METHODS = {
+#: Default ``method`` of :func:`wasserstein`.
+DEFAULT_ESTIMATOR: str = "exact"
+#: Default estimator of :class:`~ctxpred.loss.ContextPredictionLoss` and the head divergences
+#: (``"sinkhorn"`` until the batched exact solver covers masked, unequal supports; then this
+#: becomes ``DEFAULT_ESTIMATOR``).
+LOSS_ESTIMATOR: str = "sinkhorn"
+
+
+def _gaussian(x: Tensor, y: Tensor, xw: Tensor | None = None, yw: Tensor | None = None, *,
+              p: float = 2, **opts: Any) -> Tensor:
+    if p != 2:
+        raise ValueRangeError(f"method='gaussian' computes W_2^2 only; got p={p!r}")
+    return gaussian_wasserstein(x, y, xw, yw, **opts)
+
+
+_REGISTRY: dict[str, Callable[..., Tensor]] = {
     "exact": exact_wasserstein,
     "sinkhorn": sinkhorn_wasserstein,
     "sliced": sliced_wasserstein,
-    "gaussian": gaussian_wasserstein,
+    "gaussian": _gaussian,
     "pot": pot_wasserstein,
     "geomloss": geomloss_wasserstein,
 }
+_BUILTIN = frozenset(_REGISTRY)
+#: Read-only view ``{name: function}`` of the registry.
+ESTIMATORS: Mapping[str, Callable[..., Tensor]] = MappingProxyType(_REGISTRY)
+
+
+def available_estimators() -> tuple[str, ...]:
+    """The registered estimator names, built-in first.
+
+    Example:
+        >>> available_estimators()[:4]
+        ('exact', 'sinkhorn', 'sliced', 'gaussian')
+    """
+    return tuple(_REGISTRY)
+
+
+def register_estimator(
+    name: str, fn: Callable[..., Tensor] | None = None, *, overwrite: bool = False
+) -> Any:
+    r"""Register ``fn`` as estimator ``name`` for :func:`wasserstein` and the loss.
+
+    ``fn(x, y, x_weights, y_weights, **options) -> values`` follows the contract of the module
+    docstring: ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` or
+    ``None``, one value per problem ``(...)``. It receives ``p`` only when the caller passes it,
+    and the loss passes ``check_finite=False`` when ``fn`` takes that option (or ``**options``).
+    Without ``fn``, returns a decorator.
+
+    Args:
+        name: the new name (a built-in name cannot be replaced).
+        fn: the estimator function (``None``: use as ``@register_estimator(name)``).
+        overwrite: replace an earlier registration of ``name``.
+
+    Returns:
+        ``fn`` (or the decorator).
+
+    Example:
+        >>> import torch
+        >>> @register_estimator("mean_gap_doc")
+        ... def mean_gap(x, y, x_weights=None, y_weights=None, **options):
+        ...     return (x.mean(-2) - y.mean(-2)).square().sum(-1)
+        >>> wasserstein(torch.ones(2, 4, 3), torch.zeros(2, 5, 3), method="mean_gap_doc")
+        tensor([3., 3.])
+        >>> unregister_estimator("mean_gap_doc")
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueRangeError(f"estimator name must be a non-empty str, got {name!r}")
+    if fn is None:
+        return lambda f: register_estimator(name, f, overwrite=overwrite)
+    if not callable(fn):
+        raise ValueRangeError(f"estimator {name!r} must be callable, got {type(fn).__name__}")
+    if name in _BUILTIN:
+        raise ValueRangeError(f"{name!r} is a built-in estimator and cannot be replaced")
+    if name in _REGISTRY and not overwrite:
+        raise ValueRangeError(
+            f"estimator {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _REGISTRY[name] = fn
+    return fn
+
+
+def unregister_estimator(name: str) -> None:
+    """Remove an estimator added with :func:`register_estimator` (built-ins stay)."""
+    if name in _BUILTIN:
+        raise ValueRangeError(f"{name!r} is a built-in estimator and cannot be removed")
+    _REGISTRY.pop(name, None)
+
+
+def _lookup(method: str) -> Callable[..., Tensor]:
+    try:
+        return _REGISTRY[method]
+    except (KeyError, TypeError):
+        raise ValueRangeError(
+            f"method must be one of {sorted(_REGISTRY)} (or a name added with "
+            f"ctxpred.wasserstein.register_estimator), got {method!r}"
+        ) from None
+
+
+def _accepts(fn: Callable[..., Any], option: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def wasserstein(
@@ -78,8 +198,8 @@ def wasserstein(
     x_weights: Tensor | None = None,
     y_weights: Tensor | None = None,
     *,
-    method: Method = "exact",
-    p: float = 2,
+    method: Method | None = None,
+    p: float | None = None,
     **opts: Any,
 ) -> Tensor:
     r"""Transport cost :math:`W_p^p` between ``x`` and ``y`` per problem, by ``method``.
@@ -92,9 +212,11 @@ def wasserstein(
         y: ``(..., M, D)`` points (e.g. true neighbors ``(B*P*S, K, C)``).
         x_weights: ``(..., N)`` non-negative weights, ``None`` = uniform.
         y_weights: ``(..., M)`` non-negative weights, e.g. the validity mask as float.
-        method: one of ``"exact"``, ``"sinkhorn"``, ``"sliced"``, ``"gaussian"``, ``"pot"``,
-            ``"geomloss"``.
-        p: cost exponent (``"gaussian"`` supports only 2).
+        method: a registered name (:func:`available_estimators`): ``"exact"``, ``"sinkhorn"``,
+            ``"sliced"``, ``"gaussian"``, ``"pot"``, ``"geomloss"`` or one added with
+            :func:`register_estimator`; ``None`` = :data:`DEFAULT_ESTIMATOR` (``"exact"``).
+        p: cost exponent (``None``: the estimator's default, 2 for every built-in;
+            ``"gaussian"`` supports only 2).
         **opts: the chosen estimator's keyword options (e.g. ``blur``, ``iterations``,
             ``debias`` for sinkhorn; ``solver`` for exact; ``check_finite`` for all).
 
@@ -112,14 +234,52 @@ def wasserstein(
         >>> wasserstein(x, y, y_weights=mask, method="sinkhorn").shape
         torch.Size([16])
     """
-    try:
-        fn = _METHODS[method]
-    except KeyError:
-        raise ValueRangeError(
-            f"method must be one of {sorted(_METHODS)}, got {method!r}"
-        ) from None
-    if method == "gaussian":
-        if p != 2:
-            raise ValueRangeError(f"method='gaussian' computes W_2^2 only; got p={p!r}")
-        return fn(x, y, x_weights, y_weights, **opts)
-    return fn(x, y, x_weights, y_weights, p=p, **opts)
+    fn = _lookup(DEFAULT_ESTIMATOR if method is None else method)
+    if p is not None:
+        opts["p"] = p
+    return fn(x, y, x_weights, y_weights, **opts)
+
+
+class _NamedEstimator:
+    """``wasserstein(..., method=name, **options)`` as a picklable callable."""
+
+    def __init__(self, method: str, options: dict[str, Any]) -> None:
+        self.method, self.options = method, options
+
+    def __call__(self, x: Tensor, y: Tensor, xw: Tensor | None, yw: Tensor | None) -> Tensor:
+        return _lookup(self.method)(x, y, xw, yw, **self.options)
+
+    def __repr__(self) -> str:
+        return f"wasserstein[{self.method}]"
+
+
+def resolve_estimator(estimator: EstimatorSpec | None = None, **options: Any) -> Estimator:
+    """A callable ``(x, y, x_weights, y_weights) -> W_p^p`` from a name, module or callable.
+
+    A name is looked up in the registry (``None`` = :data:`LOSS_ESTIMATOR`) and called with
+    ``options`` and ``check_finite=False`` (no host sync inside a loss) when it takes that option;
+    a module or callable is returned as it is (``options`` must then be empty).
+
+    Example:
+        >>> import torch
+        >>> est = resolve_estimator("sinkhorn")
+        >>> x = torch.zeros(4, 3, 2)
+        >>> est(x, x, None, None).shape
+        torch.Size([4])
+    """
+    if estimator is None:
+        estimator = LOSS_ESTIMATOR
+    if isinstance(estimator, str):
+        fn = _lookup(estimator)
+        preset = {"check_finite": False} if _accepts(fn, "check_finite") else {}
+        return _NamedEstimator(estimator, {**preset, **options})
+    if callable(estimator):
+        if options:
+            raise ValueRangeError(
+                "estimator options apply to an estimator given by name; configure a module or "
+                "callable estimator directly"
+            )
+        return estimator
+    raise ValueRangeError(
+        f"estimator must be a name, a module or a callable, got {type(estimator).__name__}"
+    )

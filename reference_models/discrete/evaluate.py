@@ -4,13 +4,13 @@
 the model twice per seed (``context=False`` / ``context=True``, otherwise identical: same
 tokenizer, data order, diffusion noise stream, number of steps), samples token grids, decodes
 them to images and scores them against the held-out split with the shared metrics of
-:mod:`benchmarks.metrics`:
+:mod:`reference_models.metrics`:
 
-* ``swd``: multi-scale Laplacian-pyramid patch SWD (:func:`benchmarks.metrics.swd_laplacian`);
+* ``swd``: multi-scale Laplacian-pyramid patch SWD (:func:`reference_models.metrics.swd_laplacian`);
 * ``neighborhood``: (pixel, neighbor) statistics at strides 1-3
-  (:func:`benchmarks.metrics.neighborhood_discrepancy`);
+  (:func:`reference_models.metrics.neighborhood_discrepancy`);
 * ``fd``: Frechet distance in the features of the local digits classifier (digits only,
-  :func:`benchmarks.metrics.frechet_digits_distance`).
+  :func:`reference_models.metrics.frechet_digits_distance`).
 
 Digits are tokenized at their native 8x8 (17 levels) and samples are upsampled to 16x16 exactly
 as :mod:`reference_models.data` upsamples the real digits, so the numbers are on the same scale
@@ -59,7 +59,7 @@ METRICS = ("swd", "neighborhood", "fd")
 
 def evaluate_images(fake: Tensor, real: Tensor, dataset: str) -> dict[str, float]:
     """Shared metrics of ``fake`` vs ``real`` ``(N, 1, H, W)`` (lower is better)."""
-    from benchmarks.metrics import (
+    from reference_models.metrics import (
         frechet_digits_distance,
         neighborhood_discrepancy,
         swd_laplacian,
@@ -164,21 +164,24 @@ QUALITY_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def quality_section(preset: Any, args: Any) -> list[Any]:
+def quality_section(preset: Any, args: Any, benchmark: Any) -> list[Any]:
     """The ``discrete`` section of ``benchmarks/quality.py``: ``baseline`` and ``context`` runs
     per dataset and seed, scored by that benchmark's own ``sample_metrics``.
 
     ``preset`` is a ``benchmarks.quality.Preset`` (its name, ``args.preset``, picks
     :data:`QUALITY_PRESETS`; its ``seeds``, ``datasets`` and ``context_points`` are used as they
     are), ``args`` the parsed command line (``preset``, ``datasets``, ``device``,
-    ``no_progress``).
+    ``no_progress``), ``benchmark`` the ``benchmarks.quality`` module itself (its ``PRESETS``,
+    ``RunSpec``, ``real_images`` and ``sample_metrics``), passed in so that ``reference_models``
+    never imports ``benchmarks``.
     """
-    from benchmarks.quality import PRESETS, RunSpec, _real, sample_metrics
+    presets, run_spec = benchmark.PRESETS, benchmark.RunSpec
+    real_images, sample_metrics = benchmark.real_images, benchmark.sample_metrics
 
     # the preset's name: from the command line, else by value (``benchmarks/quality.py`` run as a
     # script defines its own ``Preset`` class, so compare field values, not instances)
     name = getattr(args, "preset", None) or next(
-        (k for k, v in PRESETS.items() if dataclasses.asdict(v) == dataclasses.asdict(preset)),
+        (k for k, v in presets.items() if dataclasses.asdict(v) == dataclasses.asdict(preset)),
         "small",
     )
     sizes = dict(QUALITY_PRESETS.get(name, QUALITY_PRESETS["small"]))
@@ -203,7 +206,7 @@ def quality_section(preset: Any, args: Any) -> list[Any]:
                     seconds = time.perf_counter() - t0
                     fake = generate(result, samples, num_steps=sample_steps,
                                     seed=1000 + config.seed)
-                    real = _real(dataset, "test", max(256, samples))
+                    real = real_images(dataset, "test", max(256, samples))
                     tail = result.history[-50:]
                     return {
                         **sample_metrics(_to_metric_space(fake, dataset), real, dataset),
@@ -211,7 +214,7 @@ def quality_section(preset: Any, args: Any) -> list[Any]:
                         "s_per_step": seconds / config.train_steps,
                     }
 
-                specs.append(RunSpec(dataset, variant, seed, run))
+                specs.append(run_spec(dataset, variant, seed, run))
     return specs
 
 

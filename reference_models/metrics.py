@@ -17,7 +17,7 @@ function of its inputs; identical inputs of identical shape give exactly 0.
 
 Example:
     >>> import torch
-    >>> from benchmarks.metrics import swd_laplacian
+    >>> from reference_models.metrics import swd_laplacian
     >>> real = torch.rand(8, 1, 32, 32) * 2 - 1
     >>> swd_laplacian(real, real)["mean"]
     0.0

@@ -1,0 +1,157 @@
+r"""The moment head and its divergence: closed-form Gaussian :math:`W_2^2` (Bures).
+
+Example:
+    >>> import torch
+    >>> from ctxpred.heads import MomentHead
+    >>> from ctxpred.neighborhoods import neighbors
+    >>> head = MomentHead(out_channels=3, in_channels=8, rank=1)
+    >>> nb = neighbors(torch.randn(2, 3, 4, 4), strides=(1, 2))
+    >>> head.divergence(head(torch.randn(2, 16, 8)), nb).shape
+    torch.Size([2, 16, 2])
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ctxpred.heads.base import (
+    ContextHead,
+    _core,
+    _linear,
+    _positive_int,
+    check_out_channels,
+    float32_core,
+    match_strides,
+)
+from ctxpred.wasserstein import gaussian_w2
+
+__all__ = ["MomentHead", "MomentPrediction", "moment_divergence"]
+
+
+class MomentPrediction(NamedTuple):
+    """What :class:`MomentHead` returns.
+
+    Attributes:
+        mean: ``(B, P, S, C)``.
+        log_variance: ``(B, P, S, C)``, the diagonal part ``D = diag(exp(log_variance))``.
+        factor: ``(B, P, S, C, R)`` low-rank factor ``F`` (``None`` when ``rank=0``).
+    """
+
+    mean: Tensor
+    log_variance: Tensor
+    factor: Tensor | None
+
+    def covariance(self) -> Tensor:
+        """``Sigma = D + F F^T``, ``(B, P, S, C, C)``."""
+        cov = torch.diag_embed(self.log_variance.exp())
+        if self.factor is not None:
+            cov = cov + self.factor @ self.factor.transpose(-1, -2)
+        return cov
+
+
+def _empirical_moments(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    weight = mask.to(values.dtype)
+    weight = weight / weight.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (weight.unsqueeze(-1) * values).sum(-2)
+    centered = (values - mean.unsqueeze(-2)) * weight.unsqueeze(-1).sqrt()
+    return mean, centered.transpose(-1, -2) @ centered
+
+
+def moment_divergence(prediction: MomentPrediction, values: Tensor, mask: Tensor) -> Tensor:
+    r"""Closed-form Gaussian :math:`W_2^2` between predicted and empirical neighbor moments.
+
+    .. math::
+        \lVert m - \bar y \rVert^2 + \operatorname{tr}\big(\Sigma + \hat\Sigma
+        - 2 (\hat\Sigma^{1/2} \Sigma \hat\Sigma^{1/2})^{1/2}\big)
+
+    with :math:`\bar y, \hat\Sigma` the mean and (population) covariance of the valid neighbors;
+    0 where no neighbor is valid. The Bures term comes from the estimator package
+    (:func:`ctxpred.wasserstein.gaussian_w2`).
+
+    Args:
+        prediction: :class:`MomentPrediction`, ``mean (B, P, S', C)``.
+        values: ``(B, P, S, K_s, C)``.
+        mask: ``(B, P, S, K_s)``.
+
+    Returns:
+        ``(B, P, S)``.
+
+    Example:
+        >>> y = torch.randn(1, 2, 1, 8, 3); m = torch.ones(1, 2, 1, 8, dtype=torch.bool)
+        >>> mean = y.mean(-2)
+        >>> pred = MomentPrediction(mean, torch.full_like(mean, -30.0), None)
+        >>> moment_divergence(pred, y, m).shape
+        torch.Size([1, 2, 1])
+    """
+    check_out_channels(prediction.mean.shape[-1], values, "the moment head")
+    num_strides = values.shape[2]
+    with float32_core(values.device):
+        factor = None if prediction.factor is None else _core(prediction.factor)
+        pred = MomentPrediction(_core(prediction.mean), _core(prediction.log_variance), factor)
+        mean = match_strides(pred.mean, num_strides, "the moment head")
+        cov = match_strides(pred.covariance(), num_strides, "the moment head")
+        target_mean, target_cov = _empirical_moments(_core(values).to(mean.dtype), mask)
+        value = gaussian_w2(mean, cov, target_mean, target_cov)
+        return value * mask.any(-1).to(value.dtype)
+
+
+class MomentHead(ContextHead):
+    r"""Predicts the mean and covariance of the neighborhood, for the closed-form Gaussian W2.
+
+    .. math::
+        \Sigma_i^s = \operatorname{diag}(e^{v_i^s}) + F_i^s F_i^{s\top}, \qquad
+        W_2^2 = \lVert m_1 - m_2 \rVert^2 + \operatorname{tr}\big(\Sigma_1 + \Sigma_2
+        - 2 (\Sigma_2^{1/2} \Sigma_1 \Sigma_2^{1/2})^{1/2}\big)
+
+    against the (mask-weighted) empirical mean and covariance of the valid neighbors
+    (:func:`moment_divergence`).
+
+    Args:
+        out_channels: ``C``.
+        in_channels: ``C_in`` or ``None`` (lazy).
+        rank: ``R``, rank of the low-rank part (``0``: diagonal covariance).
+        num_strides: ``S``.
+
+    Shape:
+        - input ``z``: ``(B, P, C_in)`` or ``(B, C_in, *spatial)``
+        - output: :class:`MomentPrediction` with ``mean (B, P, S, C)``
+
+    Example:
+        >>> pred = MomentHead(out_channels=3, in_channels=8, rank=2)(torch.randn(2, 5, 8))
+        >>> pred.mean.shape, pred.factor.shape, pred.covariance().shape
+        (torch.Size([2, 5, 1, 3]), torch.Size([2, 5, 1, 3, 2]), torch.Size([2, 5, 1, 3, 3]))
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        in_channels: int | None = None,
+        *,
+        rank: int = 0,
+        num_strides: int = 1,
+    ) -> None:
+        super().__init__(out_channels, in_channels, num_strides)
+        self.rank = _positive_int(rank, "rank", minimum=0)
+        self.proj = _linear(in_channels, self.num_strides * self.out_channels * (2 + self.rank))
+
+    def forward(self, z: Tensor, generator: torch.Generator | None = None) -> MomentPrediction:
+        """Mean, log-variance and low-rank factor of each point's neighborhood
+        (deterministic: ``generator`` unused)."""
+        out = self.proj(self.points(z)).unflatten(
+            -1, (self.num_strides, self.out_channels, 2 + self.rank)
+        )
+        factor = out[..., 2:] if self.rank else None
+        return MomentPrediction(out[..., 0], out[..., 1], factor)
+
+    def divergence(
+        self, prediction: MomentPrediction, neighbors: Any, estimator: Any = None, *,
+        match_mask: bool = False,
+    ) -> Tensor:
+        """:func:`moment_divergence`, ``(B, P, S)`` (closed form, no estimator)."""
+        return moment_divergence(prediction, neighbors.values, neighbors.mask)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"
