@@ -353,6 +353,9 @@ def study_variants() -> dict[str, Any]:
         # strides
         "px-l0.3-s1": r(ref, strides=(1,)),
         "px-l0.3-s12": r(ref, strides=(1, 2)),
+        # timestep weighting of the context loss (per-sample weights, mean 1 over t)
+        "px-l0.3-snr": r(ref, timestep_weighting="snr"),
+        "px-l0.3-tcut": r(ref, timestep_weighting="cutoff", t_cutoff=0.5),
     }
 
 
@@ -360,7 +363,8 @@ STAGES: dict[str, Stage] = {
     "sweep": Stage("sweep", _SWEEP, (0, 1, 2), ("textures", "digits"),
                    ("baseline", "px-l0.1", "px-l0.3", "px-l1", "px-l3", "px-l0.3-finest",
                     "px-l0.3-lastconv", "px-l0.3-q4", "px-l0.3-q16", "px-l0.3-h16",
-                    "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12"),
+                    "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12",
+                    "px-l0.3-snr", "px-l0.3-tcut"),
                    "coarse one-factor-at-a-time sweep, 3 paired seeds, ~2 min per run"),
     "confirm": Stage("confirm", _DEMO, tuple(range(10)), ("textures", "digits"), None,
                      "the best 1-2 sweep variants vs baseline, 10 paired seeds, demo budget"),

@@ -228,13 +228,16 @@ class ContextPredictor:
         self,
         target: Tensor | Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-layer weighted losses ``{name: scalar}``; releases the captured outputs.
 
         ``target`` is one tensor for every layer, a ``{name: tensor}`` mapping, or ``None`` (each
         layer's own features). ``generator`` (optional) drives every random choice of the step
         (query-point subsets, the heads' sampling noise) instead of the global RNG, for
-        reproducible or resumable training.
+        reproducible or resumable training. ``sample_weight`` (optional) ``(B,)`` weights each
+        sample's loss before the batch mean, in every layer (e.g. by diffusion timestep; see
+        :func:`ctxpred.loss.reduce_context_loss`).
         """
         missing = [name for name in self.loss_modules if name not in self._captured]
         if missing:
@@ -248,7 +251,8 @@ class ContextPredictor:
             for name, loss in self.loss_modules.items():
                 try:
                     out[name] = loss(
-                        self._captured[name], self._target_for(name, target), generator
+                        self._captured[name], self._target_for(name, target), generator,
+                        sample_weight=sample_weight,
                     )
                 except CtxpredError as err:
                     if f"{name!r}" in str(err):
@@ -263,10 +267,13 @@ class ContextPredictor:
         self,
         target: Tensor | Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> Tensor:
         """Sum of the per-layer losses (each already weighted by its ``weight``); see
-        :meth:`losses` for ``target`` and ``generator``."""
-        return torch.stack(list(self.losses(target, generator).values())).sum()
+        :meth:`losses` for ``target``, ``generator`` and ``sample_weight``."""
+        return torch.stack(
+            list(self.losses(target, generator, sample_weight=sample_weight).values())
+        ).sum()
 
     @torch.no_grad()
     def initialize(self, *args: Any, **kwargs: Any) -> ContextPredictor:

@@ -57,17 +57,24 @@ _RESIZE_MODES = ("auto", "area", "bilinear", "nearest", "none")
 
 
 def reduce_context_loss(
-    per_point: Tensor, valid: Tensor, stride_weights: Tensor | None = None
+    per_point: Tensor,
+    valid: Tensor,
+    stride_weights: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Reduce ``(B, P, S)`` values to per-stride means and their weighted sum.
 
-    ``per_stride[s] = mean_b( sum_p valid * value / max(1, sum_p valid) )`` and
-    ``total = sum_s w_s per_stride[s]`` (``w_s = 1/S`` by default). No host sync.
+    ``per_stride[s] = mean_b( a_b * sum_p valid * value / max(1, sum_p valid) )`` and
+    ``total = sum_s w_s per_stride[s]`` (``w_s = 1/S`` by default; ``a_b = 1`` without
+    ``sample_weight``). The batch mean divides by ``B``, not by ``sum_b a_b``: a weight of 0
+    removes a sample's contribution, weights with mean 1 keep the loss's scale. No host sync.
 
     Args:
         per_point: ``(B, P, S)``.
         valid: ``(B, P, S)`` bool.
         stride_weights: ``(S,)`` or ``None``.
+        sample_weight: ``(B,)`` per-sample weights ``a_b`` (e.g. by diffusion timestep) or
+            ``None``.
 
     Returns:
         ``(total (), per_stride (S,))``.
@@ -78,13 +85,38 @@ def reduce_context_loss(
         >>> total, per_stride = reduce_context_loss(v, ok)
         >>> per_stride.tolist(), total.item()
         ([2.0, 2.0], 2.0)
+        >>> reduce_context_loss(v, ok, sample_weight=torch.tensor([0.5]))[0].item()
+        1.0
     """
     ok = valid.to(per_point.dtype)
     per_sample = (per_point * ok).sum(1) / ok.sum(1).clamp_min(1.0)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample)[:, None]
     per_stride = per_sample.mean(0)
     if stride_weights is None:
         return per_stride.mean(), per_stride
     return (per_stride * stride_weights.to(per_stride)).sum(), per_stride
+
+
+def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str) -> None:
+    """Check that ``sample_weight`` is ``None`` or a floating ``(B,)`` tensor with ``B = batch``.
+
+    Values are not inspected (that would need a host sync): weights must be finite and
+    ``>= 0``, which the caller guarantees.
+    """
+    if sample_weight is None:
+        return
+    if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
+        raise DTypeError(
+            f"{name}: sample_weight must be a floating-point Tensor of shape (B,), got "
+            f"{getattr(sample_weight, 'dtype', type(sample_weight).__name__)}; e.g. "
+            f"weights.float()"
+        )
+    if sample_weight.dim() != 1 or sample_weight.shape[0] != batch:
+        raise ShapeError(
+            f"{name}: sample_weight must have shape (B,) = ({batch},) like the layer's batch, got "
+            f"{tuple(sample_weight.shape)}"
+        )
 
 
 class ContextLossTerms(NamedTuple):
@@ -264,14 +296,18 @@ class ContextPredictionLoss(nn.Module):
         features: Tensor,
         target: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> ContextLossTerms:
-        """The loss with its per-stride and per-point parts (see :class:`ContextLossTerms`)."""
+        """The loss with its per-stride and per-point parts (see :class:`ContextLossTerms`;
+        with ``sample_weight`` ``(B,)``, ``total`` and ``per_stride`` are sample-weighted, see
+        :func:`reduce_context_loss`)."""
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise DTypeError(
                 f"{self.name}: layer output must be a floating-point Tensor, got "
                 f"{getattr(features, 'dtype', type(features).__name__)}"
             )
         lay = self.layout(features)
+        check_sample_weight(sample_weight, features.shape[0], self.name)
         target = _layout.prepare_target(
             features, target, lay, getattr(self.neighborhood, "grid_shape", None), self.resize,
             self.name,
@@ -282,7 +318,8 @@ class ContextPredictionLoss(nn.Module):
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
         per_point = self.head.divergence(prediction, nb, est, match_mask=self.match_mask)
         valid = nb.mask.any(-1)
-        total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor)
+        total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor,
+                                                sample_weight)
         return ContextLossTerms(self.weight * total, per_stride, per_point, valid, nb.points)
 
     def forward(
@@ -290,9 +327,14 @@ class ContextPredictionLoss(nn.Module):
         features: Tensor,
         target: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> Tensor:
-        """The weighted scalar loss ``lambda * sum_s w_s * mean_i D_i^s``."""
-        return self.terms(features, target, generator).total
+        """The weighted scalar loss ``lambda * sum_s w_s * mean_b a_b mean_i D_{b,i}^s``.
+
+        ``sample_weight``: optional ``(B,)`` weights ``a_b`` of the samples (finite, ``>= 0``;
+        e.g. by diffusion timestep), applied before the batch mean; ``None`` = all 1.
+        """
+        return self.terms(features, target, generator, sample_weight).total
 
     @torch.no_grad()
     def initialize(self, features: Tensor) -> None:

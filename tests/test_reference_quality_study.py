@@ -259,3 +259,22 @@ def test_quality_benchmark_runs_on_a_user_folder(tmp_path) -> None:
     assert sorted(stored) == ["pics/baseline/0", "pics/baseline/1", "pics/real-vs-real/0"]
     with pytest.raises(ValueError, match="no image files"):
         quality.main(["--data", str(tmp_path / "res"), "--preset", "smoke", "--out", str(out)])
+
+
+@pytest.mark.parametrize("mode", ["snr", "cutoff"])
+def test_timestep_weights_have_mean_one_and_reach_the_loss(mode) -> None:
+    cfg = TrainConfig(**_TINY, context=ContextConfig(points=8, timestep_weighting=mode,
+                                                     t_cutoff=0.3))
+    trainer = Trainer(cfg)
+    all_t = torch.arange(cfg.num_timesteps)
+    w = trainer.context_sample_weight(all_t)
+    assert w.shape == (cfg.num_timesteps,) and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert bool((w[:-1] >= w[1:]).all())  # less weight at higher noise
+    if mode == "cutoff":
+        kept = int(0.3 * cfg.num_timesteps)  # t < 0.3 T
+        assert w[:kept].tolist() == pytest.approx([cfg.num_timesteps / kept] * kept)
+        assert w[kept:].tolist() == [0.0] * (cfg.num_timesteps - kept)
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["context_loss"]) for h in history)
+    assert Trainer(TrainConfig(**_TINY, context=ContextConfig())).context_sample_weight(
+        all_t) is None
