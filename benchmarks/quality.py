@@ -356,6 +356,9 @@ def study_variants() -> dict[str, Any]:
         # timestep weighting of the context loss (per-sample weights, mean 1 over t)
         "px-l0.3-snr": r(ref, timestep_weighting="snr"),
         "px-l0.3-tcut": r(ref, timestep_weighting="cutoff", t_cutoff=0.5),
+        # the feature context (scale-free FeatureNeighborhood), layers and head as the ref
+        "feat-l0.1": r(ref, target="features", weight=0.1),
+        "feat-l0.3": r(ref, target="features"),
     }
 
 
@@ -364,7 +367,7 @@ STAGES: dict[str, Stage] = {
                    ("baseline", "px-l0.1", "px-l0.3", "px-l1", "px-l3", "px-l0.3-finest",
                     "px-l0.3-lastconv", "px-l0.3-q4", "px-l0.3-q16", "px-l0.3-h16",
                     "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12",
-                    "px-l0.3-snr", "px-l0.3-tcut"),
+                    "px-l0.3-snr", "px-l0.3-tcut", "feat-l0.1", "feat-l0.3"),
                    "coarse one-factor-at-a-time sweep, 3 paired seeds, ~2 min per run"),
     "confirm": Stage("confirm", _DEMO, tuple(range(10)), ("textures", "digits"), None,
                      "the best 1-2 sweep variants vs baseline, 10 paired seeds, demo budget"),

@@ -43,7 +43,7 @@ from ctxpred._deprecation import deprecated_names
 from ctxpred._layout import ResizeMode
 from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 from ctxpred.heads.base import ContextHead
-from ctxpred.neighborhoods import Neighbors, gather_points
+from ctxpred.neighborhoods import Neighbors, gather_points, standardize_features
 from ctxpred.wasserstein import EstimatorSpec
 from ctxpred.wasserstein import resolve_estimator as _resolve_estimator
 
@@ -313,7 +313,12 @@ class ContextPredictionLoss(nn.Module):
             self.name,
         )
         nb = self._neighbors(target, self._resolve_points(math.prod(lay.grid)), generator)
-        z = gather_points(features, nb.points, lay.token_grid)
+        source = features
+        if target is None and getattr(self.neighborhood, "normalize", "none") != "none":
+            # feature context: the head reads the same scale-free features as the target
+            source = standardize_features(features, self.neighborhood.normalize,
+                                          token_layout=lay.token_grid is not None)
+        z = gather_points(source, nb.points, lay.token_grid)
         prediction = self.head(z, generator=generator)
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
         per_point = self.head.divergence(prediction, nb, est, match_mask=self.match_mask)

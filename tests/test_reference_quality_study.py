@@ -278,3 +278,13 @@ def test_timestep_weights_have_mean_one_and_reach_the_loss(mode) -> None:
     assert all(math.isfinite(h["context_loss"]) for h in history)
     assert Trainer(TrainConfig(**_TINY, context=ContextConfig())).context_sample_weight(
         all_t) is None
+
+
+def test_feature_target_trains_and_predicts_the_layer_channels() -> None:
+    cfg = TrainConfig(**_TINY, context=ContextConfig(points=8, target="features"))
+    trainer = Trainer(cfg)
+    heads = {n: m.head for n, m in trainer.predictor.loss_modules.items()}
+    channels = trainer.model.decoder_channels()
+    assert all(h.out_channels == channels[n] for n, h in heads.items())
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["context_loss"]) and h["context_loss"] > 0 for h in history)

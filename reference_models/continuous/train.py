@@ -66,6 +66,10 @@ class ContextConfig:
         num_samples: ``Q`` of the Gaussian head.
         latent_dim: latent size of the Gaussian head.
         hidden_channels: width of the Gaussian head's decoder MLP.
+        target: ``"pixels"`` (the clean image, resized to each layer's grid) or
+            ``"features"`` (the feature context: each layer predicts its own multi-stride
+            features, :class:`ctxpred.FeatureNeighborhood` with its default scale-free
+            normalization; the head's ``out_channels`` is the layer's channel count).
         timestep_weighting: per-sample weight of the context loss by the sample's timestep
             ``t`` (passed as ``sample_weight`` to ``predictor.loss``), normalized to mean 1
             over uniform ``t`` so that ``weight`` keeps its meaning: ``"none"`` (1),
@@ -89,6 +93,7 @@ class ContextConfig:
     latent_dim: int = 16
     hidden_channels: int = 64
     match_mask: bool = False
+    target: Literal["pixels", "features"] = "pixels"
     timestep_weighting: Literal["none", "snr", "cutoff"] = "none"
     t_cutoff: float = 0.5
 
@@ -159,21 +164,27 @@ def build_context_losses(
     layers = context.layers if context.layers is not None else tuple(decoder)[-2:]
     channels = layer_channels(unet, layers)
     num_strides = len(context.strides)
+    if context.target not in ("pixels", "features"):
+        raise ValueRangeError(f"target must be 'pixels' or 'features', got {context.target!r}")
     losses = {}
     for name in layers:
+        out_channels = image_channels if context.target == "pixels" else channels[name]
         if context.head == "gaussian":
             head: ctxpred.ContextHead = ctxpred.GaussianSamplingHead(
-                out_channels=image_channels, in_channels=channels[name],
+                out_channels=out_channels, in_channels=channels[name],
                 num_samples=context.num_samples, latent_dim=context.latent_dim,
                 hidden_channels=context.hidden_channels, num_strides=num_strides,
             )
         elif context.head == "naive":
-            head = ctxpred.NaiveHead(out_channels=image_channels, num_slots=8,
+            head = ctxpred.NaiveHead(out_channels=out_channels, num_slots=8,
                                      in_channels=channels[name], num_strides=num_strides)
         else:
             raise ValueRangeError(f"head must be 'gaussian' or 'naive', got {context.head!r}")
+        neighborhood = (ctxpred.PixelNeighborhood(strides=context.strides)
+                        if context.target == "pixels"
+                        else ctxpred.FeatureNeighborhood(strides=context.strides))
         losses[name] = ctxpred.ContextPredictionLoss(
-            ctxpred.PixelNeighborhood(strides=context.strides), head,
+            neighborhood, head,
             estimator=context.estimator, weight=context.weight, points=context.points,
             match_mask=context.match_mask,
         )
@@ -392,11 +403,9 @@ class Trainer:
                 every = cfg.diagnostic_every
                 measure = every > 0 and (self.step + 1) % every == 0
                 features = list(self.predictor.captured.values()) if measure else []
-                weight = self.context_sample_weight(t)
-                if weight is None:
-                    context = self.predictor.loss(target=x0)
-                else:
-                    context = self.predictor.loss(target=x0, sample_weight=weight)
+                target = x0 if cfg.context.target == "pixels" else None
+                context = self.predictor.loss(target=target,
+                                              sample_weight=self.context_sample_weight(t))
                 if measure:
                     ratio = self.gradient_ratio(point, context, features).detach()
             else:
