@@ -275,6 +275,23 @@ def aggregate(results: dict[str, dict[str, Any]]) -> str:
                 pooled = math.sqrt(((sb or 0.0) ** 2 + (sc or 0.0) ** 2) / 2)
                 rel = f"{diff / pooled:+.2f} std" if pooled > 0 else "n/a"
                 lines.append(f"- {metric}: {diff:+.4f} ({100 * diff / mb:+.1f}%, {rel})")
+            lines += ["", "Paired by seed (the same seed fixes init, data order and noise of "
+                      "both arms): context - baseline, mean [95% paired-t interval] in % of the "
+                      "baseline, paired t-test p:", ""]
+            from benchmarks.paired import paired_comparison
+
+            for metric in ("swd", "neighbor", "fd_digits", "inpaint_mse"):
+                base = {k.rsplit("/", 1)[1]: v[metric] for k, v in results.items()
+                        if k.startswith(f"{dataset}/baseline/") and metric in v}
+                ctx = {k.rsplit("/", 1)[1]: v[metric] for k, v in results.items()
+                       if k.startswith(f"{dataset}/context/") and metric in v}
+                seeds = sorted(set(base) & set(ctx))
+                if len(seeds) < 2:
+                    continue
+                c = paired_comparison([base[k] for k in seeds], [ctx[k] for k in seeds])
+                m, lo, hi = (100 * v for v in c.relative())
+                lines.append(f"- {metric}: {m:+.1f}% [{lo:+.1f}, {hi:+.1f}], p = "
+                             f"{c.p_value:.3g} ({c.n} seeds)")
         lines.append("")
     return "\n".join(lines)
 
@@ -700,7 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage", choices=sorted(STAGES), default=None,
                    help="run a stage of the paired study (results in --study-file)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="--stage: override the stage's seeds")
+                   help="override the stage's (or preset's) seeds")
     p.add_argument("--steps", type=int, default=None, help="--stage: override training steps")
     p.add_argument("--study-file", type=Path, default=STUDY_FILE,
                    help="--stage: JSON of every run (the .md table is written beside it)")
@@ -758,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is not None:
         return _study_main(args, argv)
     preset = PRESETS[args.preset]
+    if args.seeds:  # e.g. --model discrete --seeds 0 1 2 3 4: the paired protocol on 5 seeds
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds),
+                                     ablation_seeds=tuple(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"quality_{args.model}_{args.preset}"
     results_path = stem.with_suffix(".json")
