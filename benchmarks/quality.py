@@ -689,6 +689,12 @@ def write_study_tables(path: Path, commands: dict[str, str],
         parts.append(study_table(stage, study[stage], (planned or {}).get(stage)))
     text = "\n".join(parts)
     path.with_suffix(".md").write_text(text)
+    report = path.with_name("quality.md")  # the hand-written report quotes the tables
+    start, end = "<!-- quality-study:start -->", "<!-- quality-study:end -->"
+    if report.exists() and start in report.read_text():
+        head, rest = report.read_text().split(start, 1)
+        body = "\n".join(line for line in parts[4:])  # without the generated file's title
+        report.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
     return text
 
 

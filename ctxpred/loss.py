@@ -175,6 +175,12 @@ class ContextPredictionLoss(nn.Module):
             targets, so that every problem has equal uniform supports (then ``"exact"`` is a
             batched assignment on the device; see
             :func:`~ctxpred.heads.gaussian.sample_divergence`).
+        scale_anchor: feature context only (``target=None`` with a normalizing
+            :class:`~ctxpred.neighborhoods.FeatureNeighborhood`): weight ``beta`` of the term
+            ``beta * (log rms(h) - log rms_0)^2`` added inside ``lambda``, ``rms_0`` being the
+            hooked features' RMS at the first call (buffer ``anchor_rms``). The normalized loss
+            is blind to the features' scale, and Adam then lets that scale drift by orders of
+            magnitude; the anchor holds it (method page, "Feature context"). ``0`` disables it.
 
     Example:
         >>> from ctxpred import PixelNeighborhood, GaussianSamplingHead
@@ -191,6 +197,8 @@ class ContextPredictionLoss(nn.Module):
     """
 
     stride_weight_tensor: Tensor | None
+    #: ``scale_anchor`` when none is given (measured: ``benchmarks/feature_context.py``).
+    DEFAULT_SCALE_ANCHOR: float = 1.0
 
     def __init__(
         self,
@@ -205,6 +213,7 @@ class ContextPredictionLoss(nn.Module):
         resize: ResizeMode = "auto",
         estimator_options: Mapping[str, Any] | None = None,
         match_mask: bool = False,
+        scale_anchor: float | None = None,
     ) -> None:
         super().__init__()
         num_strides = self._check_pipeline(neighborhood, head)
@@ -222,6 +231,10 @@ class ContextPredictionLoss(nn.Module):
         self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)
         self.estimator, self._estimator_fn = _estimator(estimator, estimator_options)
         self.match_mask = bool(match_mask)
+        self.scale_anchor = _check_weight(
+            self.DEFAULT_SCALE_ANCHOR if scale_anchor is None else scale_anchor, "scale_anchor")
+        # RMS of the hooked features at the first feature-context call (nan until then)
+        self.register_buffer("anchor_rms", torch.full((), float("nan")))
         self.name = type(self).__name__
 
     @staticmethod
@@ -308,16 +321,20 @@ class ContextPredictionLoss(nn.Module):
             )
         lay = self.layout(features)
         check_sample_weight(sample_weight, features.shape[0], self.name)
+        feature_context = target is None
         target = _layout.prepare_target(
             features, target, lay, getattr(self.neighborhood, "grid_shape", None), self.resize,
             self.name,
         )
         nb = self._neighbors(target, self._resolve_points(math.prod(lay.grid)), generator)
         source = features
-        if target is None and getattr(self.neighborhood, "normalize", "none") != "none":
+        anchor = None
+        if feature_context and getattr(self.neighborhood, "normalize", "none") != "none":
             # feature context: the head reads the same scale-free features as the target
             source = standardize_features(features, self.neighborhood.normalize,
                                           token_layout=lay.token_grid is not None)
+            if self.scale_anchor > 0:
+                anchor = self._scale_anchor(features)
         z = gather_points(source, nb.points, lay.token_grid)
         prediction = self.head(z, generator=generator)
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
@@ -325,7 +342,23 @@ class ContextPredictionLoss(nn.Module):
         valid = nb.mask.any(-1)
         total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor,
                                                 sample_weight)
+        if anchor is not None:
+            total = total + self.scale_anchor * anchor
         return ContextLossTerms(self.weight * total, per_stride, per_point, valid, nb.points)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # checkpoints written before the scale anchor existed: anchor afresh
+        state_dict.setdefault(prefix + "anchor_rms", torch.full((), float("nan")))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _scale_anchor(self, features: Tensor) -> Tensor:
+        """``(log rms(h) - log rms_0)^2`` with ``rms_0`` the features' RMS at the first call
+        (stored in the ``anchor_rms`` buffer, so checkpoints keep it). No host sync."""
+        rms = features.float().pow(2).mean().add(1e-12).sqrt()
+        with torch.no_grad():
+            ref = torch.where(torch.isnan(self.anchor_rms), rms.detach(), self.anchor_rms)
+            self.anchor_rms.copy_(ref)
+        return (rms.log() - ref.log()).pow(2)
 
     def forward(
         self,
@@ -356,9 +389,9 @@ class ContextPredictionLoss(nn.Module):
                 f"grid_shape={self.grid_shape}, resize={self.resize!r}")
 
 
-def _check_weight(weight: float) -> float:
+def _check_weight(weight: float, name: str = "weight") -> float:
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueRangeError(f"weight must be a finite number >= 0, got {weight!r}")
+        raise ValueRangeError(f"{name} must be a finite number >= 0, got {weight!r}")
     return float(weight)
 
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch.nn import functional as F
 
 import ctxpred
 from ctxpred import FeatureNeighborhood, GaussianSamplingHead
@@ -17,50 +14,10 @@ diffusers = pytest.importorskip("diffusers")
 STEPS = 200
 
 
-def _unet() -> torch.nn.Module:
-    return diffusers.UNet2DModel(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    )
+def _train(context: str | None, denoise: bool) -> dict:
+    from benchmarks.feature_context import train_unet
 
-
-def _train(context: str | None, denoise: bool, normalize: str = "instance") -> dict:
-    """``context``: None or "features"; returns the hooked RMS and context-loss trajectories."""
-    torch.manual_seed(0)
-    net = _unet()
-    rms: list[torch.Tensor] = []
-    hook = net.up_blocks[1].register_forward_hook(
-        lambda _m, _a, out: rms.append(out.detach().pow(2).mean().sqrt()))
-    params = list(net.parameters())
-    predictor = None
-    if context is not None:
-        loss = ctxpred.ContextPredictionLoss(
-            FeatureNeighborhood(strides=(1, 2), normalize=normalize),
-            GaussianSamplingHead(out_channels=16, in_channels=16, num_strides=2),
-            weight=0.1 if denoise else 1.0, points=16)
-        predictor = ctxpred.attach(net, {"up_blocks.1": loss})
-        params += list(predictor.parameters())
-    opt = torch.optim.Adam(params, lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    data = F.avg_pool2d(torch.rand(64, 1, 16, 16, generator=gen) * 2 - 1, 3, 1, 1) * 2
-    ctx_losses = []
-    for _ in range(STEPS):
-        x0 = data[torch.randint(0, 64, (4,), generator=gen)]
-        t = torch.randint(0, 1000, (4,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        abar = torch.cos(t.float() / 1000 * math.pi / 2).pow(2)[:, None, None, None]
-        out = net(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t).sample
-        total = F.mse_loss(out, noise) if denoise else out.sum() * 0
-        if predictor is not None:
-            c = predictor.loss()
-            ctx_losses.append(c.detach())
-            total = total + c
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-    hook.remove()
-    return {"rms": torch.stack(rms), "ctx": torch.stack(ctx_losses) if ctx_losses else None}
+    return train_unet("instance+anchor" if context else None, denoise, steps=STEPS)
 
 
 @pytest.fixture(scope="module")
