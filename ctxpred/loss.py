@@ -15,7 +15,19 @@ nothing, and a sample without one contributes 0), and ``D`` the head's own diver
 It knows no concrete head class: any :class:`~ctxpred.heads.base.ContextHead` subclass plugs in.
 
 The mean is taken per sample and then over the batch, so a sample's value does not depend on the
-other samples of the batch. Every divergence core runs in float32 with autocast disabled.
+other samples of the batch (an optional per-sample weight ``sample_weight`` ``(B,)`` multiplies
+each sample's value before the batch mean, e.g. to weight by diffusion timestep). Every
+divergence core runs in float32 with autocast disabled.
+
+Scale (what ``weight`` = :math:`\lambda` multiplies): a **mean** over strides (``w_s = 1/S`` by
+default), query points and samples of one divergence per point. For the sample heads ``D`` is
+:math:`W_2^2` with the squared Euclidean ground cost **summed over the target's C channels**
+(not averaged), so it grows with ``C`` and with the target's squared units: squared pixel values
+for a pixel target in ``[-1, 1]``; for the feature context (``target=None``), squared
+*standardized* features (unit variance per channel, see
+:class:`~ctxpred.neighborhoods.FeatureNeighborhood`), i.e. about ``C`` times a per-channel
+error. A denoising loss is usually a mean over all elements, so compare gradients, not values:
+the method page ("What lambda multiplies") gives the gradient-norm ratio that picks ``lambda``.
 
 Default estimator: ``"sinkhorn"`` (:data:`ctxpred.wasserstein.LOSS_ESTIMATOR`). The loss compares
 ``Q`` predicted samples with a *masked* set of ``K_s`` neighbors (fewer valid ones at borders),
@@ -198,7 +210,7 @@ class ContextPredictionLoss(nn.Module):
 
     stride_weight_tensor: Tensor | None
     #: ``scale_anchor`` when none is given (measured: ``benchmarks/feature_context.py``).
-    DEFAULT_SCALE_ANCHOR: float = 1.0
+    DEFAULT_SCALE_ANCHOR: float = 3.0
 
     def __init__(
         self,

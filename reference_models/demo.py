@@ -3,6 +3,14 @@ prediction (same seed, same steps), sample from both, and report metrics.
 
     python -m reference_models.demo                  # CPU defaults (see --help)
     python -m reference_models.demo --steps 4000 --device cuda --batch-size 64 --base-channels 64
+    python -m reference_models.demo --data my_images/ --image-size 32   # your own images
+
+``--data`` takes a ``.npy`` array ``(N, H, W)`` / ``(N, H, W, C)`` (uint8 0-255, or float in
+``[0, 1]`` or ``[-1, 1]``) or a folder of PNG/JPEG files; the images are center-cropped and
+resized to ``--image-size``, 20% are held out for the metrics, and bad input is an error
+(never a fallback to the bundled data). The context run prints the gradient-norm ratio
+context/denoising at the hooked layers, the number to pick ``--context-weight`` from (it is
+linear in lambda), and ``loss_curves.png`` plots it.
 
 Writes to ``--out`` (default ``results/``, gitignored):
 

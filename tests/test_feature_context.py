@@ -60,13 +60,34 @@ def test_head_reads_the_standardized_features() -> None:
     """Scaling the layer output changes neither the loss nor (up to the scale) its gradient."""
     loss = ctxpred.ContextPredictionLoss(
         FeatureNeighborhood(strides=(1,)), GaussianSamplingHead(out_channels=4, in_channels=4),
-        points=None)
+        points=None, scale_anchor=0.0)
     h = torch.randn(2, 4, 5, 5, requires_grad=True)
     g = torch.Generator().manual_seed(0)
     a = loss(h, generator=g)
     g.manual_seed(0)
-    b = loss(10 * h + 3, generator=g)
+    b = loss(10 * h + 3 * torch.randn(2, 4, 1, 1), generator=g)
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
+    # the scale anchor: beta * (log rms(h) - log rms_0)^2, rms_0 from the first call
+    anchored = ctxpred.ContextPredictionLoss(
+        FeatureNeighborhood(strides=(1,)), loss.head, points=None, scale_anchor=2.0)
+    g.manual_seed(0)
+    first = anchored(h, generator=g)
+    assert first.item() == pytest.approx(a.item(), rel=1e-5)  # zero at the anchored scale
+    rms0 = h.detach().pow(2).mean().sqrt()
+    assert anchored.anchor_rms.item() == pytest.approx(rms0.item())
+    g.manual_seed(0)
+    scaled = anchored(3 * h, generator=g)
+    expected = a.item() + 2.0 * torch.log(torch.tensor(3.0)).item() ** 2
+    assert scaled.item() == pytest.approx(expected, rel=1e-4)
+    state = anchored.state_dict()
+    assert "anchor_rms" in state
+    fresh = ctxpred.ContextPredictionLoss(
+        FeatureNeighborhood(strides=(1,)), GaussianSamplingHead(out_channels=4, in_channels=4))
+    fresh.load_state_dict(state)
+    assert fresh.anchor_rms.item() == pytest.approx(rms0.item())
+    del state["anchor_rms"]  # a checkpoint from before the anchor: it anchors afresh
+    fresh.load_state_dict(state)
+    assert torch.isnan(fresh.anchor_rms)
     raw = ctxpred.ContextPredictionLoss(
         FeatureNeighborhood(strides=(1,), normalize="none"), loss.head, points=None)
     g.manual_seed(0)
