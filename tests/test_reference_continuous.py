@@ -127,7 +127,7 @@ def test_inpainting_keeps_the_known_region_exactly(kind: str) -> None:
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(CtxpredError, match="divisible by 2"):
         UNet(1, 8, (1, 2))(torch.zeros(1, 1, 7, 7), torch.zeros(1))
-    with pytest.raises(CtxpredError, match="unknown decoder blocks"):
+    with pytest.raises(CtxpredError, match="unknown layers"):
         Trainer(_tiny(ContextConfig(layers=("up_blocks.9",))))
     with pytest.raises(CtxpredError, match="mask kind"):
         make_mask("circle", 1, 8)  # type: ignore[arg-type]
