@@ -693,7 +693,8 @@ def write_study_tables(path: Path, commands: dict[str, str],
     start, end = "<!-- quality-study:start -->", "<!-- quality-study:end -->"
     if report.exists() and start in report.read_text():
         head, rest = report.read_text().split(start, 1)
-        body = "\n".join(line for line in parts[4:])  # without the generated file's title
+        body = "\n".join(("#" + line) if line.startswith("#") else line  # one level down
+                         for line in "\n".join(parts[4:]).split("\n"))
         report.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
     return text
 
