@@ -161,9 +161,10 @@ def continuous_variants(strides_all: tuple[int, ...] = (1, 2, 3)) -> dict[str, A
 
 def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     """Runs of the continuous reference model (see the module docstring)."""
-    from reference_models.continuous import TrainConfig, Trainer, center_mask
+    from reference_models.continuous import TrainConfig
 
     variants = continuous_variants()
+    data = getattr(args, "loaded_data", None)
     specs: list[RunSpec] = []
     for dataset in args.datasets or preset.datasets:
         for variant, context in variants.items():
@@ -175,29 +176,13 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
                     dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
                     lr=preset.lr, base_channels=preset.base_channels, seed=seed,
                     device=args.device, log_every=50, context=context,
+                    flip=None if data is None else False,
+                    image_size=None if data is None else data.train.shape[-1],
                 )
 
                 def run(config: Any = config, dataset: str = dataset) -> dict[str, Any]:
-                    trainer = Trainer(config)
-                    history = trainer.train(progress=not args.no_progress)
-                    samples = trainer.sample(preset.samples, "ddpm",
-                                             num_steps=preset.sample_steps, seed=config.seed)
-                    real = _real(dataset, "test", max(256, preset.samples))
-                    truth = real[: preset.inpaint_images]
-                    mask = center_mask(len(truth), truth.shape[-1])
-                    inpainted = trainer.diffusion.inpaint(
-                        trainer.ema.model.eval(), truth.to(trainer.device),
-                        mask.to(trainer.device), num_steps=preset.inpaint_steps,
-                        resample=preset.resample,
-                        generator=torch.Generator().manual_seed(config.seed),
-                    ).cpu()
-                    tail = history[-50:]
-                    return {
-                        **sample_metrics(samples, real, dataset),
-                        "inpaint_mse": inpainting_metrics(inpainted, truth, mask)["masked_mse"],
-                        "point_loss": sum(h["point_loss"] for h in tail) / len(tail),
-                        "s_per_step": history[-1]["time"] / max(1, trainer.step),
-                    }
+                    return _train_and_evaluate(config, preset, dataset, not args.no_progress,
+                                               data)
 
                 specs.append(RunSpec(dataset, variant, seed, run))
     return specs
@@ -206,8 +191,11 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
 def _floor_runs(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
     """Held-out real images vs training images: what a perfect model would score."""
     specs = []
+    data = getattr(args, "loaded_data", None)
     for dataset in args.datasets or preset.datasets:
         def run(dataset: str = dataset) -> dict[str, Any]:
+            if data is not None:
+                return sample_metrics(data.train[: preset.samples], data.test, dataset)
             real = _real(dataset, "test", max(256, preset.samples))
             train = _real(dataset, "train", preset.samples, seed=123)
             return sample_metrics(train, real, dataset)
@@ -287,8 +275,428 @@ def aggregate(results: dict[str, dict[str, Any]]) -> str:
                 pooled = math.sqrt(((sb or 0.0) ** 2 + (sc or 0.0) ** 2) / 2)
                 rel = f"{diff / pooled:+.2f} std" if pooled > 0 else "n/a"
                 lines.append(f"- {metric}: {diff:+.4f} ({100 * diff / mb:+.1f}%, {rel})")
+            lines += ["", "Paired by seed (the same seed fixes init, data order and noise of "
+                      "both arms): context - baseline, mean [95% paired-t interval] in % of the "
+                      "baseline, paired t-test p:", ""]
+            from benchmarks.paired import paired_comparison
+
+            for metric in ("swd", "neighbor", "fd_digits", "inpaint_mse"):
+                base = {k.rsplit("/", 1)[1]: v[metric] for k, v in results.items()
+                        if k.startswith(f"{dataset}/baseline/") and metric in v}
+                ctx = {k.rsplit("/", 1)[1]: v[metric] for k, v in results.items()
+                       if k.startswith(f"{dataset}/context/") and metric in v}
+                seeds = sorted(set(base) & set(ctx))
+                if len(seeds) < 2:
+                    continue
+                c = paired_comparison([base[k] for k in seeds], [ctx[k] for k in seeds])
+                m, lo, hi = (100 * v for v in c.relative())
+                lines.append(f"- {metric}: {m:+.1f}% [{lo:+.1f}, {hi:+.1f}], p = "
+                             f"{c.p_value:.3g} ({c.n} seeds)")
         lines.append("")
     return "\n".join(lines)
+
+
+# -- the paired study (--stage) ----------------------------------------------------------------
+#: Primary metrics per dataset, declared before the study ran (all lower is better). A variant
+#: "helps" on a dataset only in the confirm stage, when the 95% paired-t interval of at least one
+#: primary metric lies entirely below 0 after Holm adjustment over that dataset's primary metrics
+#: (adjusted p < 0.05) and no primary metric's interval lies entirely above 0. The sweep stage
+#: only ranks variants for the confirm stage; its intervals are not claims.
+PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
+    "textures": ("neighbor", "swd"),
+    "digits": ("neighbor", "swd", "fd_digits"),
+}
+DEFAULT_PRIMARY: tuple[str, ...] = ("neighbor", "swd")
+#: Also tabulated, not tested.
+SECONDARY_METRICS: tuple[str, ...] = ("inpaint_mse", "point_loss", "context_loss",
+                                      "grad_ratio", "s_per_step")
+
+STUDY_FILE = Path("docs/results/quality_study.json")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the paired study: budget, seeds, datasets and (declared) variants.
+
+    ``variants=None``: the variants are chosen from the sweep's table and must be given with
+    ``--variants`` (the ``baseline`` is always added).
+    """
+
+    name: str
+    preset: Preset
+    seeds: tuple[int, ...]
+    datasets: tuple[str, ...]
+    variants: tuple[str, ...] | None
+    note: str = ""
+
+
+_SWEEP = Preset(steps=400, batch_size=16, base_channels=16, lr=1e-3, samples=128,
+                sample_steps=25, seeds=(0, 1, 2), ablation_seeds=(0, 1, 2), context_points=32)
+_DEMO = dataclasses.replace(_SWEEP, steps=800, sample_steps=50, seeds=tuple(range(10)),
+                            ablation_seeds=tuple(range(10)))
+_LENGTH = dataclasses.replace(_DEMO, steps=2400, seeds=tuple(range(5)),
+                              ablation_seeds=tuple(range(5)))
+
+
+def study_variants() -> dict[str, Any]:
+    """``{variant: ContextConfig | None}`` of the study, declared before it ran.
+
+    Naming: ``px`` = clean-pixel target; the reference point of the one-factor-at-a-time sweep is
+    ``px-l0.3`` (lambda 0.3, Gaussian head Q=8 / hidden 64, Sinkhorn, strides (1, 2, 3), the two
+    finest decoder blocks, 32 query points); every other variant changes one factor of it.
+    """
+    from reference_models.continuous import ContextConfig
+
+    ref = ContextConfig(weight=0.3, strides=(1, 2, 3), head="gaussian", estimator="sinkhorn",
+                        num_samples=8, hidden_channels=64, points=32)
+    r = dataclasses.replace
+    return {
+        "baseline": None,
+        # lambda
+        "px-l0.1": r(ref, weight=0.1),
+        "px-l0.3": ref,
+        "px-l1": r(ref, weight=1.0),
+        "px-l3": r(ref, weight=3.0),
+        # hooked layers (default: the two finest decoder blocks up_blocks.1, up_blocks.2)
+        "px-l0.3-finest": r(ref, layers=("up_blocks.2",)),
+        "px-l0.3-lastconv": r(ref, layers=("up_blocks.2.res.0.conv2",)),
+        # head capacity
+        "px-l0.3-q4": r(ref, num_samples=4),
+        "px-l0.3-q16": r(ref, num_samples=16),
+        "px-l0.3-h16": r(ref, hidden_channels=16),
+        "px-l0.3-naive": r(ref, head="naive"),
+        # estimator: exact assignment with matched masks (Q = K_s = 8)
+        "px-l0.3-exact": r(ref, estimator="exact", match_mask=True),
+        # strides
+        "px-l0.3-s1": r(ref, strides=(1,)),
+        "px-l0.3-s12": r(ref, strides=(1, 2)),
+        # timestep weighting of the context loss (per-sample weights, mean 1 over t)
+        "px-l0.3-snr": r(ref, timestep_weighting="snr"),
+        "px-l0.3-tcut": r(ref, timestep_weighting="cutoff", t_cutoff=0.5),
+        # the feature context (scale-free FeatureNeighborhood), layers and head as the ref
+        "feat-l0.1": r(ref, target="features", weight=0.1),
+        "feat-l0.3": r(ref, target="features"),
+    }
+
+
+STAGES: dict[str, Stage] = {
+    "sweep": Stage("sweep", _SWEEP, (0, 1, 2), ("textures", "digits"),
+                   ("baseline", "px-l0.1", "px-l0.3", "px-l1", "px-l3", "px-l0.3-finest",
+                    "px-l0.3-lastconv", "px-l0.3-q4", "px-l0.3-q16", "px-l0.3-h16",
+                    "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12",
+                    "px-l0.3-snr", "px-l0.3-tcut", "feat-l0.1", "feat-l0.3"),
+                   "coarse one-factor-at-a-time sweep, 3 paired seeds, ~2 min per run"),
+    "confirm": Stage("confirm", _DEMO, tuple(range(10)), ("textures", "digits"), None,
+                     "the best 1-2 sweep variants vs baseline, 10 paired seeds, demo budget"),
+    "length": Stage("length", _LENGTH, tuple(range(5)), ("textures",), None,
+                    "3x the demo's steps, 5 paired seeds"),
+}
+
+
+def _compact(obj: Any) -> Any:
+    """A dataclass as a dict of only its non-default fields (recursively): adding a field with
+    a default later does not change the fingerprint of runs made before."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else dataclasses.MISSING)
+            if value != default:
+                out[f.name] = _compact(value)
+        return out
+    if isinstance(obj, tuple):
+        return [_compact(v) for v in obj]
+    return obj
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).resolve().parents[1]
+                              ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass
+class StudyRun:
+    """One run of the study: ``key`` = ``dataset/variant/seed``; ``spec`` fingerprints it (a
+    stored run whose spec differs is an error, never silently reused)."""
+
+    stage: str
+    dataset: str
+    variant: str
+    seed: int
+    spec: dict[str, Any]
+    run: Callable[[], dict[str, Any]]
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.variant}/{self.seed}"
+
+
+def _train_and_evaluate(config: Any, preset: Preset, dataset: str, progress: bool,
+                        data: Any = None) -> dict[str, Any]:
+    """Train one reference model and return its metrics (the study's and the presets')."""
+    from reference_models.continuous import Trainer, center_mask
+
+    train_images = None if data is None else data.train
+    trainer = Trainer(config, train_images=train_images)
+    history = trainer.train(progress=progress)
+    samples = trainer.sample(preset.samples, "ddpm", num_steps=preset.sample_steps,
+                             seed=config.seed)
+    real = _real(dataset, "test", max(256, preset.samples)) if data is None else data.test
+    truth = real[: preset.inpaint_images]
+    mask = center_mask(len(truth), truth.shape[-1])
+    inpainted = trainer.diffusion.inpaint(
+        trainer.ema.model.eval(), truth.to(trainer.device), mask.to(trainer.device),
+        num_steps=preset.inpaint_steps, resample=preset.resample,
+        generator=torch.Generator().manual_seed(config.seed),
+    ).cpu()
+    tail = history[-50:]
+    ratios = [h["grad_ratio"] for h in history if math.isfinite(h.get("grad_ratio", math.nan))]
+    out = {
+        **sample_metrics(samples, real, dataset),
+        "inpaint_mse": inpainting_metrics(inpainted, truth, mask)["masked_mse"],
+        "point_loss": sum(h["point_loss"] for h in tail) / len(tail),
+        "s_per_step": history[-1]["time"] / max(1, trainer.step),
+    }
+    if trainer.predictor is not None:
+        out["context_loss"] = sum(h["context_loss"] for h in tail) / len(tail)
+        if ratios:
+            out["grad_ratio"] = sum(ratios) / len(ratios)
+            out["grad_ratio_last"] = ratios[-1]
+        trainer.predictor.remove()
+    return out
+
+
+def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
+    """The runs of ``stage`` in execution order: per dataset, variant-major (all seeds of a
+    variant before the next variant), the baseline first."""
+    from reference_models.continuous import TrainConfig
+
+    catalog = study_variants()
+    chosen = args.variants if args.variants else stage.variants
+    if chosen is None:
+        raise SystemExit(
+            f"--stage {stage.name} needs --variants (chosen from the sweep's table); known: "
+            f"{', '.join(catalog)}")
+    unknown = [v for v in chosen if v not in catalog]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(catalog)}")
+    variants = ["baseline"] + [v for v in chosen if v != "baseline"]
+    seeds = tuple(args.seeds) if args.seeds else stage.seeds
+    preset = stage.preset
+    if args.steps is not None:
+        preset = dataclasses.replace(preset, steps=args.steps)
+    datasets = args.datasets or stage.datasets
+    data = getattr(args, "loaded_data", None)
+    runs = []
+    for dataset in datasets:
+        for variant in variants:
+            context = catalog[variant]
+            for seed in seeds:
+                config = TrainConfig(
+                    dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
+                    lr=preset.lr, base_channels=preset.base_channels, seed=seed,
+                    device=args.device, log_every=50, context=context,
+                    flip=None if data is None else False,
+                    image_size=None if data is None else data.train.shape[-1],
+                )
+                spec = {"train": _compact(config),
+                        "eval": {k: getattr(preset, k) for k in
+                                 ("samples", "sample_steps", "inpaint_images", "inpaint_steps",
+                                  "resample")}}
+                spec["train"].pop("device", None)
+                if data is not None:
+                    spec["data"] = data.describe()
+
+                def run(config: Any = config, dataset: str = dataset,
+                        preset: Preset = preset) -> dict[str, Any]:
+                    return _train_and_evaluate(config, preset, dataset,
+                                               not args.no_progress, data)
+
+                runs.append(StudyRun(stage.name, dataset, variant, seed, spec, run))
+    return runs
+
+
+def load_study(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{stage: {dataset/variant/seed: record}}`` from ``path`` (empty if it does not exist);
+    a record holds ``metrics``, ``spec``, ``commit``, ``seconds`` and ``finished``."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_study(path: Path, study: dict[str, Any]) -> None:
+    """Write ``study`` atomically (temporary file + replace): a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(study, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def pending_runs(runs: list[StudyRun], stored: dict[str, Any]) -> list[StudyRun]:
+    """The runs not stored yet; a stored run with another ``spec`` raises (rename the variant
+    or remove the record: mixing two protocols under one key would corrupt the pairing)."""
+    todo = []
+    for run in runs:
+        record = stored.get(run.key)
+        if record is None:
+            todo.append(run)
+        elif record["spec"] != json.loads(json.dumps(run.spec)):
+            raise SystemExit(
+                f"{run.stage}/{run.key} is stored with another spec:\n stored  {record['spec']}\n"
+                f" current {run.spec}\nrename the variant or delete that record to rerun it")
+    return todo
+
+
+def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None,
+              log: Callable[[str], None] = print) -> int:
+    """Run every pending run, storing each one as soon as it finishes; stop (between runs)
+    after ``max_minutes``. Returns the number of runs made."""
+    started = time.perf_counter()
+    commit = _git_commit()  # of the code that runs, read before the first run
+    study = load_study(path)
+    done = 0
+    stages = {r.stage for r in runs}
+    todo = [r for stage in stages for r in pending_runs(
+        [r for r in runs if r.stage == stage], study.get(stage, {}))]
+    todo.sort(key=runs.index)
+    log(f"{len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to go")
+    for i, run in enumerate(todo, 1):
+        if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+            log(f"stopping after {max_minutes} min; rerun the same command to resume")
+            break
+        t0 = time.perf_counter()
+        metrics = run.run()
+        study = load_study(path)  # re-read: another stage may have written meanwhile
+        study.setdefault(run.stage, {})[run.key] = {
+            "metrics": metrics, "spec": run.spec, "commit": commit,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        save_study(path, study)
+        done += 1
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        log(f"[{i}/{len(todo)}] {run.stage}/{run.key}: {shown} "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return done
+
+
+def _fmt_ci(c: Any, relative: bool) -> str:
+    if relative:
+        m, lo, hi = (100 * v for v in c.relative())
+        if math.isnan(lo):
+            return f"{m:+.1f}%"
+        return f"{m:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
+    if math.isnan(c.ci_low):
+        return f"{c.mean_diff:+.4g}"
+    return f"{c.mean_diff:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]"
+
+
+def study_table(stage: str, records: dict[str, dict[str, Any]],
+                planned: list[str] | None = None) -> str:
+    """Markdown of one stage: per dataset, each variant's paired comparison with the baseline
+    on the primary metrics (mean difference in % of the baseline with the 95% paired-t interval,
+    the paired-t p-value and its Holm adjustment over the dataset's primary metrics), then the
+    per-variant means of the secondary metrics.
+
+    Example:
+        >>> rec = lambda v: {"metrics": {"swd": v, "neighbor": v}}
+        >>> recs = {"t/baseline/0": rec(1.0), "t/baseline/1": rec(2.0), "t/baseline/2": rec(3.0),
+        ...         "t/v/0": rec(0.9), "t/v/1": rec(1.7), "t/v/2": rec(2.9)}
+        >>> print(study_table("sweep", recs).splitlines()[6])
+        | v | 3 | -8.3% [-22.7, +6.0] | 0.13 (0.259) | -8.3% [-22.7, +6.0] | 0.13 (0.259) |
+    """
+    from benchmarks.paired import holm, paired_comparison
+
+    grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    for key, record in records.items():
+        dataset, variant, seed = key.rsplit("/", 2)
+        grouped.setdefault(dataset, {}).setdefault(variant, {})[int(seed)] = record["metrics"]
+    lines: list[str] = []
+    declared = list(study_variants())
+    for dataset, unordered in grouped.items():
+        variants = dict(sorted(unordered.items(), key=lambda kv: (
+            declared.index(kv[0]) if kv[0] in declared else len(declared), kv[0])))
+        primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)
+        base = variants.get("baseline", {})
+        lines += [f"### {stage}: {dataset}", "",
+                  "Variant minus baseline on the same seeds, in % of the baseline mean: mean "
+                  "[95% paired-t interval]; p = paired t-test (Holm-adjusted over the "
+                  f"{len(primary)} primary metrics). Negative = better.", "",
+                  "| variant | paired seeds | " + " | ".join(
+                      f"{m} | p {m}" for m in primary) + " |",
+                  "|---|---|" + "---|---|" * len(primary)]
+        for variant, by_seed in variants.items():
+            if variant == "baseline":
+                continue
+            cells = []
+            comps = []
+            for metric in primary:
+                seeds = sorted(s for s in by_seed if s in base and metric in by_seed[s]
+                               and metric in base[s])
+                comps.append(paired_comparison([base[s][metric] for s in seeds],
+                                               [by_seed[s][metric] for s in seeds])
+                             if seeds else None)
+            adjusted = holm([c.p_value if c is not None else math.nan for c in comps])
+            n = max((c.n for c in comps if c is not None), default=0)
+            for c, p_adj in zip(comps, adjusted):
+                if c is None:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(_fmt_ci(c, relative=True))
+                cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
+            lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+        lines += ["", "Means over seeds (all metrics lower is better except grad_ratio, the "
+                  "context/denoising gradient-norm ratio at the hooked layers):", ""]
+        present = [m for m in (*primary, *SECONDARY_METRICS)
+                   if any(m in r for runs in variants.values() for r in runs.values())]
+        lines += ["| variant | seeds | " + " | ".join(present) + " |",
+                  "|---|---|" + "---|" * len(present)]
+        for variant, by_seed in variants.items():
+            cells = []
+            for metric in present:
+                values = [r[metric] for r in by_seed.values() if metric in r]
+                cells.append(f"{sum(values) / len(values):.4g}" if values else "-")
+            lines.append(f"| {variant} | {len(by_seed)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if planned is not None:
+        missing = [k for k in planned if k not in records]
+        lines += [f"Runs of this stage still pending: {len(missing)} of {len(planned)}"
+                  + (f" (next: {', '.join(missing[:3])})" if missing else "") + ".", ""]
+    return "\n".join(lines)
+
+
+def write_study_tables(path: Path, commands: dict[str, str],
+                       planned: dict[str, list[str]] | None = None) -> str:
+    """Write ``path`` with ``.md`` (every stage's :func:`study_table`) and return the text."""
+    study = load_study(path)
+    parts = ["# Quality study: paired-seed results (generated)", "",
+             f"Generated by `benchmarks/quality.py` from `{path.name}` (every run's metrics, "
+             "keys `dataset/variant/seed` per stage). Do not edit by hand.", ""]
+    for stage in STAGES:
+        if stage not in study:
+            continue
+        spec = STAGES[stage]
+        parts += [f"## Stage `{stage}`: {spec.note}", ""]
+        if stage in commands:
+            parts += ["Command (resumes; finished runs are skipped):", "", "```",
+                      commands[stage], "```", ""]
+        parts.append(study_table(stage, study[stage], (planned or {}).get(stage)))
+    text = "\n".join(parts)
+    path.with_suffix(".md").write_text(text)
+    report = path.with_name("quality.md")  # the hand-written report quotes the tables
+    start, end = "<!-- quality-study:start -->", "<!-- quality-study:end -->"
+    if report.exists() and start in report.read_text():
+        head, rest = report.read_text().split(start, 1)
+        body = "\n".join(("#" + line) if line.startswith("#") else line  # one level down
+                         for line in "\n".join(parts[4:]).split("\n"))
+        report.write_text(f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}")
+    return text
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -306,14 +714,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data", type=Path, default=None,
+                   help="your own images instead of the bundled datasets: a .npy (N, H, W[, C]) "
+                   "array (uint8 0-255 or float in [0, 1] / [-1, 1]) or a folder of PNG/JPEG; "
+                   "20%% are held out for the metrics (results keyed by the file/folder name)")
+    p.add_argument("--image-size", type=int, default=32,
+                   help="--data: side the images are center-cropped and resized to "
+                   "(divisible by 4)")
+    p.add_argument("--stage", choices=sorted(STAGES), default=None,
+                   help="run a stage of the paired study (results in --study-file)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="override the stage's (or preset's) seeds")
+    p.add_argument("--steps", type=int, default=None, help="--stage: override training steps")
+    p.add_argument("--study-file", type=Path, default=STUDY_FILE,
+                   help="--stage: JSON of every run (the .md table is written beside it)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="--stage: start no new run after this many minutes")
+    p.add_argument("--table-only", action="store_true",
+                   help="--stage: only regenerate the table from the stored runs")
     return p.parse_args(argv)
+
+
+def _study_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    stage = STAGES[args.stage]
+    runs = study_runs(stage, args)
+    shown = [a for a in (sys.argv[1:] if argv is None else argv)
+             if a not in ("--table-only", "--no-progress")]
+    drop = {"--max-minutes", "--threads"}
+    cleaned: list[str] = []
+    skip = False
+    for a in shown:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        cleaned.append(a)
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in cleaned)
+    if not args.table_only:
+        run_study(runs, args.study_file, args.max_minutes)
+    commands = load_study(args.study_file).get("_commands", {})
+    commands[stage.name] = command
+    study = load_study(args.study_file)
+    study["_commands"] = commands
+    save_study(args.study_file, study)
+    text = write_study_tables(args.study_file, commands, {stage.name: [r.key for r in runs]})
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))
+    if args.data is not None:
+        from reference_models.data import load_image_data
+
+        if args.image_size < 4 or args.image_size % 4:
+            raise SystemExit(f"--image-size must be a multiple of 4 (the UNet halves the grid "
+                             f"twice), got {args.image_size}")
+        if args.model != "continuous":
+            raise SystemExit("--data works with --model continuous only")
+        args.loaded_data = load_image_data(args.data, args.image_size)
+        args.datasets = [args.data.stem or "data"]
+        print(f"--data {args.data}: {args.loaded_data.describe()}")
+    if args.stage is not None:
+        return _study_main(args, argv)
     preset = PRESETS[args.preset]
+    if args.seeds:  # e.g. --model discrete --seeds 0 1 2 3 4: the paired protocol on 5 seeds
+        preset = dataclasses.replace(preset, seeds=tuple(args.seeds),
+                                     ablation_seeds=tuple(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"quality_{args.model}_{args.preset}"
     results_path = stem.with_suffix(".json")

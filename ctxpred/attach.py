@@ -482,6 +482,7 @@ class ContextPredictor:
         self,
         target: Tensor | Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-layer weighted losses ``{name: scalar}``; releases the captured outputs.
 
@@ -489,7 +490,9 @@ class ContextPredictor:
         feature-context layer takes none), a ``{name: tensor}`` mapping (its keys must be
         attached layers), or ``None``. ``generator`` (optional) drives every random choice of
         the step (query-point subsets, the heads' sampling noise) instead of the global RNG,
-        for reproducible or resumable training.
+        for reproducible or resumable training. ``sample_weight``
+        (optional) ``(B,)`` weights each sample's loss before the batch mean, in every layer
+        (e.g. by diffusion timestep; see :func:`ctxpred.loss.reduce_context_loss`).
         """
         missing = [name for name in self.loss_modules if name not in self._captured]
         if missing:
@@ -513,7 +516,10 @@ class ContextPredictor:
                 features = self._captured[name]
                 self._check_gradient_path(name, features)
                 try:
-                    out[name] = loss(features, self._target_for(name, target), generator)
+                    out[name] = loss(
+                        features, self._target_for(name, target), generator,
+                        sample_weight=sample_weight,
+                    )
                 except CtxpredError as err:
                     if f"{name!r}" in str(err):
                         raise
@@ -528,10 +534,13 @@ class ContextPredictor:
         self,
         target: Tensor | Mapping[str, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> Tensor:
         """Sum of the per-layer losses (each already weighted by its ``weight``); see
-        :meth:`losses` for ``target`` and ``generator``."""
-        return torch.stack(list(self.losses(target, generator).values())).sum()
+        :meth:`losses` for ``target``, ``generator`` and ``sample_weight``."""
+        return torch.stack(
+            list(self.losses(target, generator, sample_weight=sample_weight).values())
+        ).sum()
 
     @torch.no_grad()
     def initialize(self, *args: Any, **kwargs: Any) -> ContextPredictor:

@@ -17,7 +17,19 @@ layout (ctxpred._layout) -> neighbors -> head(z) -> head.divergence -> reduce_co
 It knows no concrete head class: any :class:`~ctxpred.heads.base.ContextHead` subclass plugs in.
 
 The mean is taken per sample and then over the batch, so a sample's value does not depend on the
-other samples of the batch. Every divergence core runs in float32 with autocast disabled.
+other samples of the batch (an optional per-sample weight ``sample_weight`` ``(B,)`` multiplies
+each sample's value before the batch mean, e.g. to weight by diffusion timestep). Every
+divergence core runs in float32 with autocast disabled.
+
+Scale (what ``weight`` = :math:`\lambda` multiplies): a **mean** over strides (``w_s = 1/S`` by
+default), query points and samples of one divergence per point. For the sample heads ``D`` is
+:math:`W_2^2` with the squared Euclidean ground cost **summed over the target's C channels**
+(not averaged), so it grows with ``C`` and with the target's squared units: squared pixel values
+for a pixel target in ``[-1, 1]``; for the feature context (``target=None``), squared
+*standardized* features (unit variance per channel, see
+:class:`~ctxpred.neighborhoods.FeatureNeighborhood`), i.e. about ``C`` times a per-channel
+error. A denoising loss is usually a mean over all elements, so compare gradients, not values:
+the method page ("What lambda multiplies") gives the gradient-norm ratio that picks ``lambda``.
 
 Default estimator: ``"sinkhorn"`` (:data:`ctxpred.wasserstein.LOSS_ESTIMATOR`). The loss compares
 ``Q`` predicted samples with a *masked* set of ``K_s`` neighbors (fewer valid ones at borders),
@@ -45,7 +57,7 @@ from ctxpred._deprecation import deprecated_names
 from ctxpred._layout import Layout, ResizeMode
 from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 from ctxpred.heads.base import ContextHead
-from ctxpred.neighborhoods import Neighbors, gather_points
+from ctxpred.neighborhoods import Neighbors, gather_points, standardize_features
 from ctxpred.wasserstein import EstimatorSpec
 from ctxpred.wasserstein import resolve_estimator as _resolve_estimator
 
@@ -59,17 +71,24 @@ _RESIZE_MODES = ("auto", "area", "bilinear", "nearest", "none")
 
 
 def reduce_context_loss(
-    per_point: Tensor, valid: Tensor, stride_weights: Tensor | None = None
+    per_point: Tensor,
+    valid: Tensor,
+    stride_weights: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Reduce ``(B, P, S)`` values to per-stride means and their weighted sum.
 
-    ``per_stride[s] = mean_b( sum_p valid * value / max(1, sum_p valid) )`` and
-    ``total = sum_s w_s per_stride[s]`` (``w_s = 1/S`` by default). No host sync.
+    ``per_stride[s] = mean_b( a_b * sum_p valid * value / max(1, sum_p valid) )`` and
+    ``total = sum_s w_s per_stride[s]`` (``w_s = 1/S`` by default; ``a_b = 1`` without
+    ``sample_weight``). The batch mean divides by ``B``, not by ``sum_b a_b``: a weight of 0
+    removes a sample's contribution, weights with mean 1 keep the loss's scale. No host sync.
 
     Args:
         per_point: ``(B, P, S)``.
         valid: ``(B, P, S)`` bool.
         stride_weights: ``(S,)`` or ``None``.
+        sample_weight: ``(B,)`` per-sample weights ``a_b`` (e.g. by diffusion timestep) or
+            ``None``.
 
     Returns:
         ``(total (), per_stride (S,))``.
@@ -80,13 +99,38 @@ def reduce_context_loss(
         >>> total, per_stride = reduce_context_loss(v, ok)
         >>> per_stride.tolist(), total.item()
         ([2.0, 2.0], 2.0)
+        >>> reduce_context_loss(v, ok, sample_weight=torch.tensor([0.5]))[0].item()
+        1.0
     """
     ok = valid.to(per_point.dtype)
     per_sample = (per_point * ok).sum(1) / ok.sum(1).clamp_min(1.0)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.to(per_sample)[:, None]
     per_stride = per_sample.mean(0)
     if stride_weights is None:
         return per_stride.mean(), per_stride
     return (per_stride * stride_weights.to(per_stride)).sum(), per_stride
+
+
+def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str) -> None:
+    """Check that ``sample_weight`` is ``None`` or a floating ``(B,)`` tensor with ``B = batch``.
+
+    Values are not inspected (that would need a host sync): weights must be finite and
+    ``>= 0``, which the caller guarantees.
+    """
+    if sample_weight is None:
+        return
+    if not isinstance(sample_weight, Tensor) or not sample_weight.is_floating_point():
+        raise DTypeError(
+            f"{name}: sample_weight must be a floating-point Tensor of shape (B,), got "
+            f"{getattr(sample_weight, 'dtype', type(sample_weight).__name__)}; e.g. "
+            f"weights.float()"
+        )
+    if sample_weight.dim() != 1 or sample_weight.shape[0] != batch:
+        raise ShapeError(
+            f"{name}: sample_weight must have shape (B,) = ({batch},) like the layer's batch, got "
+            f"{tuple(sample_weight.shape)}"
+        )
 
 
 class ContextLossTerms(NamedTuple):
@@ -158,6 +202,12 @@ class ContextPredictionLoss(nn.Module):
             vocabulary: a plain check on the CPU, an asynchronous device assert on an
             accelerator or under ``torch.compile`` (no host sync either way); ``False`` skips
             it.
+        scale_anchor: feature context only (``target=None`` with a normalizing
+            :class:`~ctxpred.neighborhoods.FeatureNeighborhood`): weight ``beta`` of the term
+            ``beta * (log rms(h) - log rms_0)^2`` added inside ``lambda``, ``rms_0`` being the
+            hooked features' RMS at the first call (buffer ``anchor_rms``). The normalized loss
+            is blind to the features' scale, and Adam then lets that scale drift by orders of
+            magnitude; the anchor holds it (method page, "Feature context"). ``0`` disables it.
 
     Example:
         >>> from ctxpred import PixelNeighborhood, GaussianSamplingHead
@@ -174,6 +224,8 @@ class ContextPredictionLoss(nn.Module):
     """
 
     stride_weight_tensor: Tensor | None
+    #: ``scale_anchor`` when none is given (measured: ``benchmarks/feature_context.py``).
+    DEFAULT_SCALE_ANCHOR: float = 3.0
 
     def __init__(
         self,
@@ -190,6 +242,7 @@ class ContextPredictionLoss(nn.Module):
         match_mask: bool = False,
         layout: Layout | None = None,
         check_finite: bool = True,
+        scale_anchor: float | None = None,
     ) -> None:
         super().__init__()
         num_strides = self._check_pipeline(neighborhood, head)
@@ -212,6 +265,10 @@ class ContextPredictionLoss(nn.Module):
                 f"layout must be None, 'channels_first' or 'tokens', got {layout!r}")
         self.layer_layout = layout
         self.check_finite = bool(check_finite)
+        self.scale_anchor = _check_weight(
+            self.DEFAULT_SCALE_ANCHOR if scale_anchor is None else scale_anchor, "scale_anchor")
+        # RMS of the hooked features at the first feature-context call (nan until then)
+        self.register_buffer("anchor_rms", torch.full((), float("nan")))
         self.name = type(self).__name__
         self._warned_upsample = False
 
@@ -295,8 +352,11 @@ class ContextPredictionLoss(nn.Module):
         features: Tensor,
         target: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> ContextLossTerms:
-        """The loss with its per-stride and per-point parts (see :class:`ContextLossTerms`)."""
+        """The loss with its per-stride and per-point parts (see :class:`ContextLossTerms`;
+        with ``sample_weight`` ``(B,)``, ``total`` and ``per_stride`` are sample-weighted, see
+        :func:`reduce_context_loss`)."""
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise DTypeError(
                 f"{self.name}: layer output must be a floating-point Tensor, got "
@@ -322,6 +382,8 @@ class ContextPredictionLoss(nn.Module):
                 f"{{layer: x0}}; to predict the layer's own features use a FeatureNeighborhood, "
                 f"which stops the gradient"
             )
+        check_sample_weight(sample_weight, features.shape[0], self.name)
+        feature_context = not given
         target = _layout.prepare_target(
             features, target, lay, getattr(self.neighborhood, "grid_shape", None), self.resize,
             self.name,
@@ -333,12 +395,24 @@ class ContextPredictionLoss(nn.Module):
                 if vocab is not None:
                     _checks.check_ids_in_range(target, vocab, self.name)
         nb = self._neighbors(target, self._resolve_points(math.prod(lay.grid)), generator)
-        z = _checks.to_head_dtype(gather_points(features, nb.points, lay.token_grid), self.head)
+        source = features
+        anchor = None
+        if feature_context and getattr(self.neighborhood, "normalize", "none") != "none":
+            # feature context: the head reads the same scale-free features as the target
+            source = standardize_features(features, self.neighborhood.normalize,
+                                          token_layout=lay.token_grid is not None)
+            if self.scale_anchor > 0:
+                anchor = self._scale_anchor(features)
+        z = _checks.to_head_dtype(gather_points(source, nb.points, lay.token_grid),
+                                 self.head)
         prediction = self.head(z, generator=generator)
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
         per_point = self.head.divergence(prediction, nb, est, match_mask=self.match_mask)
         valid = nb.mask.any(-1)
-        total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor)
+        total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor,
+                                                sample_weight)
+        if anchor is not None:
+            total = total + self.scale_anchor * anchor
         return ContextLossTerms(self.weight * total, per_stride, per_point, valid, nb.points)
 
     def _check_target(self, features: Tensor, target: Any, lay: _layout.TensorLayout) -> Any:
@@ -362,14 +436,33 @@ class ContextPredictionLoss(nn.Module):
             _checks.warn_user(warning)
         return target
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # checkpoints written before the scale anchor existed: anchor afresh
+        state_dict.setdefault(prefix + "anchor_rms", torch.full((), float("nan")))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _scale_anchor(self, features: Tensor) -> Tensor:
+        """``(log rms(h) - log rms_0)^2`` with ``rms_0`` the features' RMS at the first call
+        (stored in the ``anchor_rms`` buffer, so checkpoints keep it). No host sync."""
+        rms = features.float().pow(2).mean().add(1e-12).sqrt()
+        with torch.no_grad():
+            ref = torch.where(torch.isnan(self.anchor_rms), rms.detach(), self.anchor_rms)
+            self.anchor_rms.copy_(ref)
+        return (rms.log() - ref.log()).pow(2)
+
     def forward(
         self,
         features: Tensor,
         target: Tensor | None = None,
         generator: torch.Generator | None = None,
+        sample_weight: Tensor | None = None,
     ) -> Tensor:
-        """The weighted scalar loss ``lambda * sum_s w_s * mean_i D_i^s``."""
-        return self.terms(features, target, generator).total
+        """The weighted scalar loss ``lambda * sum_s w_s * mean_b a_b mean_i D_{b,i}^s``.
+
+        ``sample_weight``: optional ``(B,)`` weights ``a_b`` of the samples (finite, ``>= 0``;
+        e.g. by diffusion timestep), applied before the batch mean; ``None`` = all 1.
+        """
+        return self.terms(features, target, generator, sample_weight).total
 
     @torch.no_grad()
     def initialize(self, features: Tensor) -> None:
@@ -396,9 +489,9 @@ def _vocabulary(head: ContextHead, neighborhood: nn.Module) -> int | None:
     return None if codebook is None else int(codebook.shape[0])
 
 
-def _check_weight(weight: float) -> float:
+def _check_weight(weight: float, name: str = "weight") -> float:
     if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueRangeError(f"weight must be a finite number >= 0, got {weight!r}")
+        raise ValueRangeError(f"{name} must be a finite number >= 0, got {weight!r}")
     return float(weight)
 
 

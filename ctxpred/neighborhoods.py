@@ -39,7 +39,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +61,7 @@ __all__ = [
     "gather_points",
     "neighbor_offsets",
     "neighbors",
+    "standardize_features",
     "token_neighbors",
 ]
 
@@ -439,6 +440,53 @@ class PixelNeighborhood(_NeighborhoodModule):
         )
 
 
+FeatureNorm = Literal["instance", "batch", "none"]
+_FEATURE_NORMS = ("instance", "batch", "none")
+
+
+def standardize_features(
+    x: Tensor, mode: FeatureNorm = "instance", token_layout: bool = False, eps: float = 1e-5
+) -> Tensor:
+    r"""Per-channel standardization without affine parameters (the feature context's scale-free
+    space).
+
+    ``"instance"``: :math:`(x - \mu_{b,c}) / \sqrt{\sigma^2_{b,c} + \epsilon}` with the mean
+    and variance of each sample ``b`` and channel ``c`` over the grid; ``"batch"``: statistics
+    over the batch and the grid per channel; ``"none"``: ``x`` unchanged. Differentiable (the
+    statistics are not detached).
+
+    Args:
+        x: ``(B, C, *spatial)``, or ``(B, L, C)`` with ``token_layout=True``.
+        mode: ``"instance"``, ``"batch"`` or ``"none"``.
+        token_layout: ``x`` is ``(B, L, C)`` (the grid is axis 1).
+        eps: added to the variance.
+
+    Example:
+        >>> x = 5 + 3 * torch.randn(2, 4, 8, 8)
+        >>> y = standardize_features(x)
+        >>> bool(y.mean((2, 3)).abs().max() < 1e-5)
+        True
+        >>> bool((y.var((2, 3), unbiased=False) - 1).abs().max() < 1e-3)
+        True
+        >>> torch.allclose(standardize_features(7 * x + 2), y, atol=1e-4)
+        True
+    """
+    if mode not in _FEATURE_NORMS:
+        raise ValueRangeError(
+            f"feature normalization must be one of {_FEATURE_NORMS}, got {mode!r}"
+        )
+    if mode == "none":
+        return x
+    if token_layout:
+        dims: tuple[int, ...] = (1,) if mode == "instance" else (0, 1)
+    else:
+        grid = tuple(range(2, x.dim()))
+        dims = grid if mode == "instance" else (0, *grid)
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+
+
 class FeatureNeighborhood(_NeighborhoodModule):
     """Context of a *feature map* of the network itself (feature context), at several strides.
 
@@ -447,12 +495,24 @@ class FeatureNeighborhood(_NeighborhoodModule):
     keeps gradients, explicitly. (Named ``MultiStrideNeighborhood`` in 0.1; that name is a
     deprecated alias.)
 
+    **Scale-free by default** (``normalize="instance"``): the target features are standardized
+    per sample and channel over the grid (:func:`standardize_features`) before their neighbors
+    are taken, and :class:`~ctxpred.ContextPredictionLoss` feeds the head the same standardized
+    features (with gradient) as its input. Growing or shrinking the features then changes
+    neither the target nor the head's input, and a component that is constant over the grid (a
+    per-sample bias such as a timestep embedding) is removed from both, so the backbone cannot
+    lower the loss by inflating it: the raw feature context runs away (see the method page,
+    "Feature context"). ``normalize="batch"`` uses batch statistics per channel (it leaves the
+    per-sample constant in, which lets features collapse onto it); ``"none"`` is the raw 0.1
+    behaviour.
+
     Args:
         strides: the dilations.
         kernel_size: odd ``k >= 3``.
         grid_shape: token grid of ``(B, L, C)`` inputs.
         allow_empty: allow a stride with no neighbor in the grid (all-False mask).
         detach: stop the gradient into the target features.
+        normalize: ``"instance"`` (default), ``"batch"`` or ``"none"``, see above.
 
     Shape:
         - input: ``(B, C, *spatial)`` or ``(B, L, C)`` with ``grid_shape``
@@ -463,6 +523,8 @@ class FeatureNeighborhood(_NeighborhoodModule):
         >>> nb = FeatureNeighborhood(strides=(1, 2, 3))(feat)
         >>> nb.values.shape, nb.values.requires_grad
         (torch.Size([2, 64, 3, 8, 16]), False)
+        >>> torch.allclose(FeatureNeighborhood()(10 * feat).values, nb.values, atol=1e-4)
+        True
     """
 
     def __init__(
@@ -472,20 +534,32 @@ class FeatureNeighborhood(_NeighborhoodModule):
         grid_shape: Sequence[int] | None = None,
         allow_empty: bool = False,
         detach: bool = True,
+        normalize: FeatureNorm = "instance",
     ) -> None:
         super().__init__(strides, kernel_size, grid_shape, allow_empty)
+        if normalize not in _FEATURE_NORMS:
+            raise ValueRangeError(
+                f"normalize must be one of {_FEATURE_NORMS}, got {normalize!r}"
+            )
         self.detach = detach
+        self.normalize = normalize
+
+    def prediction_space(self, x: Tensor) -> Tensor:
+        """The features as the head reads them: :func:`standardize_features` of ``x`` with this
+        neighborhood's ``normalize`` (differentiable; ``x`` in the neighborhood's layout)."""
+        return standardize_features(x, self.normalize, token_layout=self.grid_shape is not None)
 
     def forward(
         self, x: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
     ) -> Neighbors:
+        x = x.detach() if self.detach else x
         return neighbors(
-            x.detach() if self.detach else x, self.strides, self.kernel_size, self.grid_shape,
+            self.prediction_space(x), self.strides, self.kernel_size, self.grid_shape,
             points=points, generator=generator, allow_empty=self.allow_empty,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, detach={self.detach}"
+        return f"{super().extra_repr()}, detach={self.detach}, normalize={self.normalize!r}"
 
 
 class TokenNeighborhood(_NeighborhoodModule):

@@ -3,6 +3,14 @@ prediction (same seed, same steps), sample from both, and report metrics.
 
     python -m reference_models.demo                  # CPU defaults (see --help)
     python -m reference_models.demo --steps 4000 --device cuda --batch-size 64 --base-channels 64
+    python -m reference_models.demo --data my_images/ --image-size 32   # your own images
+
+``--data`` takes a ``.npy`` array ``(N, H, W)`` / ``(N, H, W, C)`` (uint8 0-255, or float in
+``[0, 1]`` or ``[-1, 1]``) or a folder of PNG/JPEG files; the images are center-cropped and
+resized to ``--image-size``, 20% are held out for the metrics, and bad input is an error
+(never a fallback to the bundled data). The context run prints the gradient-norm ratio
+context/denoising at the hooked layers, the number to pick ``--context-weight`` from (it is
+linear in lambda), and ``loss_curves.png`` plots it.
 
 Writes to ``--out`` (default ``results/``, gitignored):
 
@@ -27,6 +35,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ import torch
 from torch import Tensor
 
 from reference_models.continuous import ContextConfig, TrainConfig, Trainer, center_mask
-from reference_models.data import load_dataset
+from reference_models.data import load_dataset, load_image_data
 from reference_models.metrics import inpainting_metrics, neighborhood_discrepancy, swd_laplacian
 
 __all__ = ["evaluate", "main", "parse_args"]
@@ -49,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", default="textures", help="bundled dataset name")
+    p.add_argument("--data", type=Path, default=None,
+                   help="your own images instead of --dataset: a .npy (N, H, W[, C]) array "
+                   "(uint8 0-255 or float in [0, 1] / [-1, 1]) or a folder of PNG/JPEG files, "
+                   "center-cropped and resized to --image-size; 20%% held out for the metrics")
     p.add_argument("--steps", type=int, default=800, help="training steps of each run")
     p.add_argument("--batch-size", type=int, default=16, help="images per training step")
     p.add_argument("--image-size", type=int, default=32,
@@ -61,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3],
                    help="neighborhood strides of the context loss")
     p.add_argument("--estimator", default="sinkhorn", help="Wasserstein estimator name")
+    p.add_argument("--diagnostic-every", type=int, default=50,
+                   help="measure the context/denoising gradient-norm ratio every N steps")
     p.add_argument("--samples", type=int, default=64, help="generated samples per run")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ancestral DDPM (respaced) or deterministic DDIM")
@@ -81,19 +96,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     base = TrainConfig(
-        dataset=args.dataset, image_size=args.image_size, steps=args.steps,
+        dataset=args.dataset if args.data is None else f"data:{args.data.name}",
+        flip=None if args.data is None else False,
+        image_size=args.image_size, steps=args.steps,
         batch_size=args.batch_size, lr=args.lr, base_channels=args.base_channels,
         seed=args.seed, device=args.device, log_every=25,
-        checkpoint_every=max(50, args.steps // 8),
+        checkpoint_every=max(50, args.steps // 8), diagnostic_every=args.diagnostic_every,
     )
     context = ContextConfig(strides=tuple(args.strides), estimator=args.estimator,
                             weight=args.context_weight, points=args.context_points)
     return {"baseline": base, "context": dataclasses.replace(base, context=context)}
 
 
-def _checkpoint_path(out: Path, name: str, config: TrainConfig) -> Path:
+def _checkpoint_path(out: Path, name: str, config: TrainConfig,
+                     data: dict[str, Any] | None = None) -> Path:
     fields = {k: v for k, v in dataclasses.asdict(config).items()
-              if k not in ("steps", "device", "log_every", "checkpoint_every")}
+              if k not in ("steps", "device", "log_every", "checkpoint_every",
+                           "diagnostic_every")}
+    if data is not None:  # another file or folder under the same name gets its own checkpoint
+        fields["data"] = data
     tag = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return out / "checkpoints" / f"{name}-{tag}.pt"
 
@@ -114,15 +135,15 @@ def evaluate(
 
 
 def _grid(images: Tensor, rows: int) -> Tensor:
-    """``(N, 1, H, W)`` in [-1, 1] -> one ``(rows*(H+1), cols*(W+1))`` image in [0, 1]."""
-    n, _, h, w = images.shape
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(rows*(H+1), cols*(W+1), C)`` image in [0, 1]."""
+    n, ch, h, w = images.shape
     cols = -(-n // rows)
-    canvas = torch.ones(rows * (h + 1) + 1, cols * (w + 1) + 1)
+    canvas = torch.ones(rows * (h + 1) + 1, cols * (w + 1) + 1, ch)
     for k in range(n):
         r, c = divmod(k, cols)
         canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = \
-            (images[k, 0] + 1) / 2
-    return canvas
+            (images[k].permute(1, 2, 0) + 1) / 2
+    return canvas.squeeze(-1) if ch == 1 else canvas
 
 
 def _save_panels(path: Path, panels: dict[str, Tensor], rows: int) -> None:
@@ -155,17 +176,24 @@ def _save_loss_curves(path: Path, histories: dict[str, list[dict[str, float]]]) 
             out.append(acc / min(i + 1, k))
         return out
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4))
     for name, history in histories.items():
         steps = [h["step"] for h in history]
         ax1.plot(steps, smooth([h["point_loss"] for h in history]), label=name)
         if any(h["context_loss"] for h in history):
             ax2.plot(steps, smooth([h["context_loss"] for h in history]), label=name,
                      color="tab:orange")
+        measured = [h for h in history if math.isfinite(h.get("grad_ratio", math.nan))]
+        if measured:
+            ax3.plot([h["step"] for h in measured], [h["grad_ratio"] for h in measured],
+                     marker="o", label=name, color="tab:green")
     ax1.set(title="point-wise denoising loss (moving average 25)", xlabel="step", yscale="log")
     ax2.set(title="context loss (lambda-weighted, moving average 25)", xlabel="step")
-    ax1.legend()
-    ax2.legend()
+    ax3.set(title="gradient-norm ratio context / denoising\nat the hooked layers",
+            xlabel="step", yscale="log")
+    for ax in (ax1, ax2, ax3):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,13 +230,25 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     configs = _configs(args)
-    print(f"ctxpred demo: {args.dataset} {args.image_size}x{args.image_size}, {args.steps} steps "
+    if args.image_size < 4 or args.image_size % 4:
+        raise SystemExit(f"--image-size must be a multiple of 4 (the UNet halves the grid "
+                         f"twice), got {args.image_size}")
+    source = args.dataset if args.data is None else str(args.data)
+    print(f"ctxpred demo: {source} {args.image_size}x{args.image_size}, {args.steps} steps "
           f"x batch {args.batch_size} per run, device {args.device}, output in {out}/")
 
-    real = load_dataset(args.dataset, "test", image_size=args.image_size,
-                        num_samples=max(256, args.samples), seed=args.seed)
-    train_ref = load_dataset(args.dataset, "train", image_size=args.image_size,
-                             num_samples=args.samples, seed=args.seed + 99)
+    train_images, data_info = None, None
+    if args.data is not None:
+        data = load_image_data(args.data, args.image_size)
+        data_info = data.describe()
+        print(f"--data {args.data}: {data_info}")
+        train_images, real = data.train, data.test
+        train_ref = data.train[: args.samples]
+    else:
+        real = load_dataset(args.dataset, "test", image_size=args.image_size,
+                            num_samples=max(256, args.samples), seed=args.seed)
+        train_ref = load_dataset(args.dataset, "train", image_size=args.image_size,
+                                 num_samples=args.samples, seed=args.seed + 99)
     inpaint_truth = real[: args.inpaint_images]
     known_mask = center_mask(len(inpaint_truth), args.image_size)
 
@@ -217,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, Tensor] = {}
     inpaintings: dict[str, Tensor] = {}
     for name, config in configs.items():
-        trainer = Trainer(config, checkpoint=_checkpoint_path(out, name, config))
+        trainer = Trainer(config, checkpoint=_checkpoint_path(out, name, config, data_info),
+                          train_images=train_images)
         if trainer.step:
             print(f"[{name}] resuming from step {trainer.step}")
         history = trainer.train(progress=not args.no_progress)
@@ -238,15 +279,23 @@ def main(argv: list[str] | None = None) -> int:
             "final_point_loss": round(sum(h["point_loss"] for h in tail) / len(tail), 4),
             **evaluate(samples[name], real, inpaintings[name], inpaint_truth, known_mask),
         }
+        ratios = [h["grad_ratio"] for h in history if math.isfinite(h["grad_ratio"])]
+        if ratios:
+            rows[name]["grad_ratio"] = round(ratios[-1], 4)
+            print(f"[{name}] gradient-norm ratio context/denoising at the hooked layers: "
+                  f"{ratios[-1]:.3g} (last measurement; {len(ratios)} measured, median "
+                  f"{sorted(ratios)[len(ratios) // 2]:.3g}). It scales linearly with lambda: "
+                  f"to aim at a ratio r, use --context-weight "
+                  f"{args.context_weight:g} * r / {ratios[-1]:.3g}")
         if trainer.predictor is not None:
             trainer.predictor.remove()
     rows["real vs real (floor)"] = evaluate(train_ref, real)
 
-    shown = min(32, args.samples)
+    shown = min(32, args.samples, len(real))
     _save_panels(out / "samples.png", {
         "baseline": samples["baseline"][:shown],
         "with context prediction": samples["context"][:shown],
-        "held-out real crops": real[:shown],
+        "held-out real images": real[:shown],
     }, rows=4)
     _save_panels(out / "inpainting.png", {
         "input (hole grey)": torch.where(known_mask, inpaint_truth, torch.zeros(())),

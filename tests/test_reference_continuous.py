@@ -127,7 +127,7 @@ def test_inpainting_keeps_the_known_region_exactly(kind: str) -> None:
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(CtxpredError, match="divisible by 2"):
         UNet(1, 8, (1, 2))(torch.zeros(1, 1, 7, 7), torch.zeros(1))
-    with pytest.raises(CtxpredError, match="unknown decoder blocks"):
+    with pytest.raises(CtxpredError, match="unknown layers"):
         Trainer(_tiny(ContextConfig(layers=("up_blocks.9",))))
     with pytest.raises(CtxpredError, match="mask kind"):
         make_mask("circle", 1, 8)  # type: ignore[arg-type]
@@ -154,3 +154,28 @@ def test_docstring_examples_run(module_name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(module_name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_demo_trains_on_a_user_npy_and_reports_the_gradient_ratio(tmp_path, capsys) -> None:
+    import json
+
+    import numpy as np
+
+    from reference_models import demo
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "mine.npy", rng.integers(0, 256, (24, 10, 12, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / "mine.npy"), "--image-size", "8", "--steps", "4",
+            "--diagnostic-every", "2",
+            "--batch-size", "2", "--base-channels", "8", "--samples", "4", "--sample-steps", "2",
+            "--inpaint-images", "2", "--inpaint-steps", "2", "--resample", "1",
+            "--context-points", "4", "--out", str(out), "--no-progress"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gradient-norm ratio context/denoising" in printed
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert rows["context"]["grad_ratio"] > 0 and "grad_ratio" not in rows["baseline"]
+    assert (out / "loss_curves.png").exists() and (out / "samples.png").exists()
+    with pytest.raises(CtxpredError, match="no such file"):
+        demo.main(["--data", str(tmp_path / "missing"), "--out", str(out)])

@@ -46,7 +46,7 @@ from reference_models.data import load_dataset
 __all__ = ["ContextConfig", "TrainConfig", "Trainer", "build_context_losses"]
 
 #: Config fields that may change when a run is resumed (length, logging, device).
-_RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "device"})
+_RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "device", "diagnostic_every"})
 
 
 @dataclass
@@ -54,7 +54,8 @@ class ContextConfig:
     """How context prediction is attached (see the module docstring).
 
     Attributes:
-        layers: decoder blocks to hook (names in ``unet.named_modules()``); ``None``: the two
+        layers: modules to hook (names in ``unet.named_modules()``: decoder blocks
+            ``"up_blocks.j"`` or any submodule, see :func:`layer_channels`); ``None``: the two
             finest decoder blocks.
         strides: neighborhood strides ``S``.
         head: ``"gaussian"`` (distributional head + Wasserstein estimator, the method) or
@@ -65,6 +66,21 @@ class ContextConfig:
         num_samples: ``Q`` of the Gaussian head.
         latent_dim: latent size of the Gaussian head.
         hidden_channels: width of the Gaussian head's decoder MLP.
+        target: ``"pixels"`` (the clean image, resized to each layer's grid) or
+            ``"features"`` (the feature context: each layer predicts its own multi-stride
+            features, :class:`ctxpred.FeatureNeighborhood` with its default scale-free
+            normalization; the head's ``out_channels`` is the layer's channel count).
+        timestep_weighting: per-sample weight of the context loss by the sample's timestep
+            ``t`` (passed as ``sample_weight`` to ``predictor.loss``), normalized to mean 1
+            over uniform ``t`` so that ``weight`` keeps its meaning: ``"none"`` (1),
+            ``"snr"`` (``abar_t / mean(abar)``, i.e. ``SNR / (1 + SNR)``: about 1 at low noise,
+            0 at high noise, where the clean neighborhood cannot be predicted from ``x_t``) or
+            ``"cutoff"`` (context only for ``t < t_cutoff * T``, scaled by
+            ``T / #{t < t_cutoff * T}``).
+        t_cutoff: fraction of the timesteps that keep the context loss with ``"cutoff"``.
+        match_mask: mask the Gaussian head's samples like their targets (needs
+            ``num_samples == 8``, the ring size; makes ``estimator="exact"`` a batched
+            assignment), see :class:`ctxpred.ContextPredictionLoss`.
     """
 
     layers: tuple[str, ...] | None = None
@@ -76,6 +92,10 @@ class ContextConfig:
     num_samples: int = 8
     latent_dim: int = 16
     hidden_channels: int = 64
+    match_mask: bool = False
+    target: Literal["pixels", "features"] = "pixels"
+    timestep_weighting: Literal["none", "snr", "cutoff"] = "none"
+    t_cutoff: float = 0.5
 
 
 @dataclass
@@ -84,6 +104,10 @@ class TrainConfig:
 
     ``flip``: random horizontal flips of the training images; ``None`` means on, except for
     ``"digits"`` (a mirrored digit is not a digit).
+
+    ``diagnostic_every``: every that many steps the trainer measures the
+    gradient-norm ratio ``||d(context)/dh|| / ||d(point)/dh||`` at the hooked layers' outputs
+    ``h`` (see :meth:`Trainer.gradient_ratio`); ``0`` never.
     """
 
     dataset: str = "textures"
@@ -106,6 +130,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 25
     checkpoint_every: int = 200
+    diagnostic_every: int = 50
     context: ContextConfig | None = field(default=None)
 
     @classmethod
@@ -135,30 +160,76 @@ def build_context_losses(
         >>> sorted(losses), type(losses["up_blocks.1"].head).__name__
         (['up_blocks.0', 'up_blocks.1'], 'GaussianSamplingHead')
     """
-    channels = unet.decoder_channels()
-    layers = context.layers if context.layers is not None else tuple(channels)[-2:]
-    unknown = [name for name in layers if name not in channels]
-    if unknown:
-        raise ValueRangeError(f"unknown decoder blocks {unknown}; the UNet has {list(channels)}")
+    decoder = unet.decoder_channels()
+    layers = context.layers if context.layers is not None else tuple(decoder)[-2:]
+    channels = layer_channels(unet, layers)
     num_strides = len(context.strides)
+    if context.target not in ("pixels", "features"):
+        raise ValueRangeError(f"target must be 'pixels' or 'features', got {context.target!r}")
     losses = {}
     for name in layers:
+        out_channels = image_channels if context.target == "pixels" else channels[name]
         if context.head == "gaussian":
             head: ctxpred.ContextHead = ctxpred.GaussianSamplingHead(
-                out_channels=image_channels, in_channels=channels[name],
+                out_channels=out_channels, in_channels=channels[name],
                 num_samples=context.num_samples, latent_dim=context.latent_dim,
                 hidden_channels=context.hidden_channels, num_strides=num_strides,
             )
         elif context.head == "naive":
-            head = ctxpred.NaiveHead(out_channels=image_channels, num_slots=8,
+            head = ctxpred.NaiveHead(out_channels=out_channels, num_slots=8,
                                      in_channels=channels[name], num_strides=num_strides)
         else:
             raise ValueRangeError(f"head must be 'gaussian' or 'naive', got {context.head!r}")
+        neighborhood = (ctxpred.PixelNeighborhood(strides=context.strides)
+                        if context.target == "pixels"
+                        else ctxpred.FeatureNeighborhood(strides=context.strides))
         losses[name] = ctxpred.ContextPredictionLoss(
-            ctxpred.PixelNeighborhood(strides=context.strides), head,
+            neighborhood, head,
             estimator=context.estimator, weight=context.weight, points=context.points,
+            match_mask=context.match_mask,
         )
     return losses
+
+
+def layer_channels(unet: UNet, layers: tuple[str, ...]) -> dict[str, int]:
+    """``{name: output channels}`` of modules of ``unet`` (decoder blocks or any submodule,
+    e.g. ``"up_blocks.2.res.0.conv2"``, the last convolution before the output), found by one
+    small forward pass without gradients.
+
+    Raises:
+        ValueRangeError: a name that is not a submodule (the message lists the decoder blocks).
+
+    Example:
+        >>> net = UNet(in_channels=1, base_channels=8, channel_mults=(1, 2))
+        >>> layer_channels(net, ("up_blocks.1", "up_blocks.1.res.0.conv2"))
+        {'up_blocks.1': 8, 'up_blocks.1.res.0.conv2': 8}
+    """
+    modules = dict(unet.named_modules())
+    unknown = [name for name in layers if name not in modules or name == ""]
+    if unknown:
+        raise ValueRangeError(
+            f"unknown layers {unknown}; the UNet's decoder blocks are "
+            f"{list(unet.decoder_channels())} (any name of unet.named_modules() works)"
+        )
+    found: dict[str, int] = {}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _m, _a, out, name=name: found.__setitem__(name, int(out.shape[1])))
+        for name in layers
+    ]
+    size = 2 ** (unet.num_levels - 1) * 2
+    param = next(unet.parameters())
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(1, unet.in_channels, size, size, device=param.device),
+                 torch.zeros(1, dtype=torch.long, device=param.device))
+    finally:
+        for h in handles:
+            h.remove()
+        unet.train(was_training)
+    return {name: found[name] for name in layers}
 
 
 class Trainer:
@@ -175,7 +246,7 @@ class Trainer:
         >>> trainer = Trainer(cfg)
         >>> history = trainer.train(progress=False)
         >>> trainer.step, sorted(history[-1])
-        (2, ['context_loss', 'point_loss', 'step', 'time'])
+        (2, ['context_loss', 'grad_ratio', 'point_loss', 'step', 'time'])
         >>> trainer.sample(2, num_steps=2).shape
         torch.Size([2, 1, 16, 16])
     """
@@ -255,18 +326,88 @@ class Trainer:
             x0 = torch.where(flip.to(self.device)[:, None, None, None], x0.flip(-1), x0)
         return x0
 
-    def train_step(self) -> tuple[Tensor, Tensor]:
-        """One optimizer step; returns detached ``(point_loss, context_loss)`` (0 without ctx)."""
+    def gradient_ratio(self, point: Tensor, context: Tensor, features: list[Tensor]) -> Tensor:
+        """``||d context / d h|| / ||d point / d h||`` over the hooked outputs ``h`` (a 0-d
+        tensor; the norms are taken over all hooked layers together).
+
+        ``context`` is the weighted context loss (``lambda`` included), ``point`` the denoising
+        loss, both before backward (their graphs are kept). The ratio says how strongly the
+        context term pulls on the features compared with the denoising loss: about ``0.1-1``
+        means it matters without dominating; it scales linearly with ``lambda``, so
+        ``lambda_new = lambda * r_wanted / r`` retunes it from one measurement.
+        """
+        gp = torch.autograd.grad(point, features, retain_graph=True, allow_unused=True)
+        gc = torch.autograd.grad(context, features, retain_graph=True, allow_unused=True)
+
+        def norm(grads: tuple[Tensor | None, ...]) -> Tensor:
+            parts = [g.float().pow(2).sum() for g in grads if g is not None]
+            return torch.stack(parts).sum().sqrt() if parts else point.new_zeros(())
+
+        return norm(gc) / norm(gp).clamp_min(1e-30)
+
+    def _draw(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """Timesteps ``(B,)`` and noise like ``x0``, from the run's generator (the same draws,
+        in the same order, as :meth:`GaussianDiffusion.loss` makes)."""
+        t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],),
+                          generator=self.generator, device="cpu").to(x0.device)
+        noise = torch.randn(x0.shape, generator=self.generator, device="cpu").to(x0)
+        return t, noise
+
+    def context_sample_weight(self, t: Tensor) -> Tensor | None:
+        """Per-sample weight ``(B,)`` of the context loss for timesteps ``t`` ``(B,)`` (see
+        ``ContextConfig.timestep_weighting``); ``None`` for ``"none"``.
+
+        Example:
+            >>> cfg = TrainConfig(dataset="digits", num_train_images=8, base_channels=8,
+            ...                   channel_mults=(1, 2), num_timesteps=10,
+            ...                   context=ContextConfig(timestep_weighting="cutoff",
+            ...                                         t_cutoff=0.5))
+            >>> Trainer(cfg).context_sample_weight(torch.tensor([0, 4, 5, 9])).tolist()
+            [2.0, 2.0, 0.0, 0.0]
+        """
+        ctx = self.config.context
+        if ctx is None or ctx.timestep_weighting == "none":
+            return None
+        abar = self.diffusion.alphas_cumprod.to(t.device)
+        if ctx.timestep_weighting == "snr":
+            return (abar / abar.mean())[t].float()
+        if ctx.timestep_weighting == "cutoff":
+            if not 0.0 < ctx.t_cutoff <= 1.0:
+                raise ValueRangeError(f"t_cutoff must be in (0, 1], got {ctx.t_cutoff}")
+            keep = torch.arange(len(abar), device=t.device) < ctx.t_cutoff * len(abar)
+            return (keep.float() * (len(abar) / keep.sum().clamp_min(1)))[t]
+        raise ValueRangeError(
+            f"timestep_weighting must be 'none', 'snr' or 'cutoff', got "
+            f"{ctx.timestep_weighting!r}"
+        )
+
+    def train_step(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step; returns detached ``(point_loss, context_loss, grad_ratio)``
+        (context 0 without context prediction; grad_ratio ``nan`` unless measured this step,
+        see ``TrainConfig.diagnostic_every``).
+
+        The batch, timesteps and noise come only from the run's generator, so every arm of a
+        paired comparison (same seed) sees the same data order and noise.
+        """
         cfg = self.config
         self.model.train()
         lr = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup_steps))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        ratio = torch.full((), float("nan"), device=self.device)
         with self._own_rng():
             x0 = self._batch()
-            point = self.diffusion.loss(self.model, x0, generator=self.generator)
+            t, noise = self._draw(x0)
+            point = self.diffusion.loss(self.model, x0, t=t, noise=noise)
             if self.predictor is not None:
-                context = self.predictor.loss(target=x0)
+                every = cfg.diagnostic_every
+                measure = every > 0 and (self.step + 1) % every == 0
+                features = list(self.predictor.captured.values()) if measure else []
+                target = x0 if cfg.context.target == "pixels" else None
+                context = self.predictor.loss(target=target,
+                                              sample_weight=self.context_sample_weight(t))
+                if measure:
+                    ratio = self.gradient_ratio(point, context, features).detach()
             else:
                 context = torch.zeros((), device=self.device)
             self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +418,7 @@ class Trainer:
             self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        return point.detach(), context.detach()
+        return point.detach(), context.detach(), ratio
 
     def train(self, steps: int | None = None, progress: bool = True) -> list[dict[str, float]]:
         """Train until ``steps`` (default ``config.steps``) total steps; returns the history.
@@ -292,12 +433,12 @@ class Trainer:
         target = self.config.steps if steps is None else steps
         start_time = time.perf_counter()
         offset = self.history[-1]["time"] if self.history else 0.0
-        pending: list[tuple[int, Tensor, Tensor]] = []
+        pending: list[tuple[int, Tensor, Tensor, Tensor]] = []
         with tqdm(total=target, initial=self.step, disable=not progress,
                   desc="ctx" if self.predictor is not None else "base", leave=False) as bar:
             while self.step < target:
-                point, context = self.train_step()
-                pending.append((self.step, point, context))
+                point, context, ratio = self.train_step()
+                pending.append((self.step, point, context, ratio))
                 bar.update(1)
                 done = self.step == target
                 if len(pending) >= self.config.log_every or done:
@@ -309,11 +450,12 @@ class Trainer:
                     self.save_checkpoint(self.checkpoint)
         return self.history
 
-    def _flush(self, pending: list[tuple[int, Tensor, Tensor]], elapsed: float, bar: Any) -> None:
-        values = torch.stack([torch.stack([p, c]) for _, p, c in pending]).cpu().tolist()
-        for (step, _, _), (point, context) in zip(pending, values):
+    def _flush(self, pending: list[tuple[int, Tensor, Tensor, Tensor]], elapsed: float,
+               bar: Any) -> None:
+        values = torch.stack([torch.stack([p, c, r]) for _, p, c, r in pending]).cpu().tolist()
+        for (step, _, _, _), (point, context, ratio) in zip(pending, values):
             self.history.append({"step": step, "point_loss": point, "context_loss": context,
-                                 "time": elapsed})
+                                 "grad_ratio": ratio, "time": elapsed})
         bar.set_postfix(point=f"{values[-1][0]:.4f}", context=f"{values[-1][1]:.4f}")
 
     # -- sampling ------------------------------------------------------------------------------

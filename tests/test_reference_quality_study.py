@@ -1,0 +1,290 @@
+"""The paired quality study: statistics against scipy, pairing of the arms, resume logic."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from benchmarks import quality
+from benchmarks.paired import holm, paired_comparison
+from reference_models.continuous import ContextConfig, TrainConfig, Trainer
+
+finite = st.floats(-100, 100, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, finite), min_size=2, max_size=12),
+       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_paired_comparison_matches_scipy_ttest_rel(pairs, confidence) -> None:
+    base = [b for b, _ in pairs]
+    var = [v for _, v in pairs]
+    diffs = [v - b for b, v in pairs]
+    spread = max(diffs) - min(diffs)
+    if spread <= 1e-6 * max(1.0, max(abs(d) for d in diffs)):
+        return  # zero variance: scipy gives nan (tested below)
+    r = paired_comparison(base, var, confidence)
+    ref = stats.ttest_rel(var, base)
+    ci = ref.confidence_interval(confidence)
+    assert r.n == len(pairs)
+    assert r.mean_diff == pytest.approx(sum(diffs) / len(diffs), abs=1e-9)
+    assert r.p_value == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+    assert r.ci_low == pytest.approx(ci.low, rel=1e-6, abs=1e-9)
+    assert r.ci_high == pytest.approx(ci.high, rel=1e-6, abs=1e-9)
+    assert r.baseline_mean == pytest.approx(sum(base) / len(base))
+
+
+def test_paired_comparison_edge_cases() -> None:
+    one = paired_comparison([1.0], [0.5])
+    assert one.mean_diff == -0.5 and math.isnan(one.ci_low) and math.isnan(one.p_value)
+    const = paired_comparison([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
+    assert const.ci_low == const.ci_high == pytest.approx(-0.5) and math.isnan(const.p_value)
+    assert const.relative()[0] == pytest.approx(-0.25)
+    # the pairing matters: the unpaired spread is large, the paired differences are tight
+    tight = paired_comparison([1.0, 5.0, 9.0], [0.9, 4.9, 8.85])
+    assert tight.ci_high < 0 and tight.p_value < 0.05
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_comparison([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        paired_comparison([], [])
+    with pytest.raises(ValueError, match="finite"):
+        paired_comparison([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_comparison([1.0, 2.0], [1.0, 2.5], confidence=95)
+
+
+def _holm_oracle(ps: list[float]) -> list[float]:
+    """Holm by its step-down definition: reject H_(i) at level a iff every p_(j) <= a/(m-j+1)
+    for j <= i; the adjusted p is the smallest such a."""
+    m = len(ps)
+    order = sorted(range(m), key=lambda i: ps[i])
+    out = [0.0] * m
+    for rank, i in enumerate(order):
+        out[i] = min(1.0, max((m - j) * ps[order[j]] for j in range(rank + 1)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=6))
+def test_holm_matches_step_down_definition(ps) -> None:
+    assert holm(ps) == pytest.approx(_holm_oracle(ps), abs=1e-9)
+
+
+def test_holm_ignores_nan() -> None:
+    out = holm([0.02, math.nan, 0.04])
+    assert out[0] == pytest.approx(0.04) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
+
+
+# -- pairing: same init, same data order, same noise in every arm ---------------------------------
+_TINY = dict(dataset="digits", num_train_images=32, batch_size=4, base_channels=8,
+             channel_mults=(1, 2), num_timesteps=20, log_every=1, steps=2)
+
+
+def test_arms_of_a_seed_share_init_data_order_and_noise() -> None:
+    ctx = ContextConfig(points=8, weight=1.0)
+    arms = [Trainer(TrainConfig(**_TINY, seed=3, context=c)) for c in (None, ctx)]
+    other = Trainer(TrainConfig(**_TINY, seed=4))
+    a, b = arms
+    sa, sb, so = (t.model.state_dict() for t in (a, b, other))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], so[k]) for k in sa)  # the seed does change the init
+    assert torch.equal(a.data, b.data)
+    # the first batch, its timesteps and noise are identical, and consume the same draws
+    states = [t.generator.get_state() for t in arms]
+    xa, xb = a._batch(), b._batch()
+    ta, tb = a._draw(xa), b._draw(xb)
+    assert torch.equal(xa, xb) and torch.equal(ta[0], tb[0]) and torch.equal(ta[1], tb[1])
+    assert not torch.equal(xa, other._batch())
+    for t, s in zip(arms, states):
+        t.generator.set_state(s)
+    # a full step (context loss, its own randomness) leaves the data generator in step
+    for t in arms:
+        t.train_step()
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert torch.equal(a._batch(), b._batch())
+
+
+def test_trainer_draws_what_diffusion_loss_draws() -> None:
+    """The explicit draws reproduce GaussianDiffusion.loss's own (old runs stay comparable)."""
+    t = Trainer(TrainConfig(**_TINY, seed=1))
+    x0 = t.data[:4]
+    state = t.generator.get_state()
+    steps, noise = t._draw(x0)
+    model = t.model.eval()
+    explicit = t.diffusion.loss(model, x0, t=steps, noise=noise)
+    t.generator.set_state(state)
+    implicit = t.diffusion.loss(model, x0, generator=t.generator)
+    assert torch.equal(explicit, implicit)
+
+
+def test_gradient_ratio_matches_manual_gradients() -> None:
+    t = Trainer(TrainConfig(**_TINY, context=ContextConfig(points=8)))
+    h1 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    h2 = torch.randn(2, 5, 2, 2, requires_grad=True)
+    a1, a2, b1 = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2), torch.randn(2, 3, 4, 4)
+    point = (h1 * a1).sum() + (h2 * a2).sum()
+    context = (h1 * b1).sum()  # no gradient at h2
+    expected = b1.norm() / torch.cat([a1.flatten(), a2.flatten()]).norm()
+    ratio = t.gradient_ratio(point, context, [h1, h2])
+    assert ratio == pytest.approx(float(expected), rel=1e-5)
+    assert t.gradient_ratio(point, 3 * context, [h1, h2]) == pytest.approx(3 * float(expected),
+                                                                           rel=1e-5)
+
+
+def test_gradient_ratio_is_logged_every_n_steps() -> None:
+    cfg = TrainConfig(**{**_TINY, "steps": 4}, diagnostic_every=2,
+                      context=ContextConfig(points=8))
+    history = Trainer(cfg).train(progress=False)
+    measured = [h["step"] for h in history if math.isfinite(h["grad_ratio"])]
+    assert measured == [2, 4]
+    assert all(h["grad_ratio"] > 0 for h in history if h["step"] in measured)
+    base = Trainer(TrainConfig(**_TINY)).train(progress=False)
+    assert all(math.isnan(h["grad_ratio"]) for h in base)
+
+
+# -- the study's runs and their resume logic -------------------------------------------------------
+def _args(**kw) -> argparse.Namespace:
+    base = dict(variants=None, seeds=None, steps=None, datasets=None, device="cpu",
+                no_progress=True)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_study_runs_are_declared_and_fingerprinted() -> None:
+    stage = quality.STAGES["sweep"]
+    runs = quality.study_runs(stage, _args(datasets=["textures"], seeds=[0, 1]))
+    assert [r.key for r in runs[:3]] == ["textures/baseline/0", "textures/baseline/1",
+                                         "textures/px-l0.1/0"]
+    assert {r.variant for r in runs} == set(stage.variants)
+    by_key = {r.key: r for r in runs}
+    spec = by_key["textures/px-l1/1"].spec
+    assert spec["train"]["context"]["weight"] == 1.0 and spec["train"]["seed"] == 1
+    assert "device" not in spec["train"] and "context" not in by_key[
+        "textures/baseline/0"].spec["train"]
+    # a run's spec depends on everything but the seed only through the config
+    assert by_key["textures/px-l1/0"].spec["train"]["steps"] == stage.preset.steps
+    with pytest.raises(SystemExit, match="needs --variants"):
+        quality.study_runs(quality.STAGES["confirm"], _args())
+    with pytest.raises(SystemExit, match="unknown variants"):
+        quality.study_runs(quality.STAGES["confirm"], _args(variants=["nope"]))
+    confirm = quality.study_runs(quality.STAGES["confirm"], _args(variants=["px-l1"]))
+    assert len(confirm) == 2 * 2 * 10  # 2 datasets x (baseline + px-l1) x 10 seeds
+
+
+def test_compact_spec_ignores_fields_left_at_their_default() -> None:
+    cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5))
+    assert quality._compact(cfg) == {"seed": 2, "context": {"weight": 0.5}}
+
+
+def _fake_runs(calls: list[str], fail_at: str | None = None) -> list[quality.StudyRun]:
+    runs = []
+    for variant, seed in itertools.product(("baseline", "v"), (0, 1)):
+        key = f"d/{variant}/{seed}"
+
+        def run(key: str = key, seed: int = seed, variant: str = variant) -> dict:
+            if key == fail_at:
+                raise RuntimeError("killed")
+            calls.append(key)
+            return {"swd": 1.0 + seed - 0.1 * (variant == "v"), "neighbor": 2.0 + seed}
+
+        runs.append(quality.StudyRun("sweep", "d", variant, seed, {"v": variant}, run))
+    return runs
+
+
+def test_study_resumes_after_an_interruption(tmp_path) -> None:
+    path = tmp_path / "study.json"
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="killed"):
+        quality.run_study(_fake_runs(calls, fail_at="d/v/0"), path, log=lambda _: None)
+    assert calls == ["d/baseline/0", "d/baseline/1"]
+    stored = json.loads(path.read_text())
+    assert sorted(stored["sweep"]) == ["d/baseline/0", "d/baseline/1"]
+    assert stored["sweep"]["d/baseline/1"]["metrics"] == {"swd": 2.0, "neighbor": 3.0}
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes
+    calls.clear()
+    assert quality.run_study(_fake_runs(calls), path, log=lambda _: None) == 2
+    assert calls == ["d/v/0", "d/v/1"]  # only the missing runs
+    calls.clear()
+    assert quality.run_study(_fake_runs(calls), path, log=lambda _: None) == 0 and not calls
+    # a stored run with another protocol is never reused silently
+    changed = _fake_runs(calls)
+    changed[0] = dataclasses.replace(changed[0], spec={"v": "other"})
+    with pytest.raises(SystemExit, match="another spec"):
+        quality.run_study(changed, path, log=lambda _: None)
+    # --max-minutes stops between runs
+    path2 = tmp_path / "s2.json"
+    assert quality.run_study(_fake_runs(calls), path2, max_minutes=0.0,
+                             log=lambda _: None) == 0
+    table = quality.study_table("sweep", json.loads(path.read_text())["sweep"])
+    row = next(line for line in table.splitlines() if line.startswith("| v | 2 |"))
+    assert "-10.0%" in row or "-6.7%" in row  # swd: -0.1 on baselines 1 and 2 (mean 1.5)
+
+
+def test_study_stage_runs_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch) -> None:
+    smoke = dataclasses.replace(quality.PRESETS["smoke"], steps=2, samples=4, inpaint_images=2)
+    monkeypatch.setitem(quality.STAGES, "tiny", quality.Stage(
+        "tiny", smoke, (0, 1), ("digits",), ("px-l1",), "test"))
+    out = tmp_path / "q.json"
+    argv = ["--stage", "tiny", "--study-file", str(out), "--no-progress"]
+    assert quality.main(argv) == 0
+    stored = json.loads(out.read_text())
+    assert sorted(stored["tiny"]) == ["digits/baseline/0", "digits/baseline/1",
+                                      "digits/px-l1/0", "digits/px-l1/1"]
+    assert set(stored["tiny"]["digits/px-l1/0"]["metrics"]) >= {"swd", "neighbor",
+                                                                "fd_digits", "context_loss"}
+    md = out.with_suffix(".md").read_text()
+    assert "--stage tiny" in md and "| px-l1 | 2 |" in md
+
+
+def test_quality_benchmark_runs_on_a_user_folder(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (9, 11), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "res"
+    assert quality.main(["--data", str(folder), "--image-size", "8", "--preset", "smoke",
+                         "--variants", "baseline", "--out", str(out), "--no-progress"]) == 0
+    stored = json.loads((out / "quality_continuous_smoke.json").read_text())
+    assert sorted(stored) == ["pics/baseline/0", "pics/baseline/1", "pics/real-vs-real/0"]
+    with pytest.raises(ValueError, match="no image files"):
+        quality.main(["--data", str(tmp_path / "res"), "--preset", "smoke", "--out", str(out)])
+
+
+@pytest.mark.parametrize("mode", ["snr", "cutoff"])
+def test_timestep_weights_have_mean_one_and_reach_the_loss(mode) -> None:
+    cfg = TrainConfig(**_TINY, context=ContextConfig(points=8, timestep_weighting=mode,
+                                                     t_cutoff=0.3))
+    trainer = Trainer(cfg)
+    all_t = torch.arange(cfg.num_timesteps)
+    w = trainer.context_sample_weight(all_t)
+    assert w.shape == (cfg.num_timesteps,) and float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert bool((w[:-1] >= w[1:]).all())  # less weight at higher noise
+    if mode == "cutoff":
+        kept = int(0.3 * cfg.num_timesteps)  # t < 0.3 T
+        assert w[:kept].tolist() == pytest.approx([cfg.num_timesteps / kept] * kept)
+        assert w[kept:].tolist() == [0.0] * (cfg.num_timesteps - kept)
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["context_loss"]) for h in history)
+    assert Trainer(TrainConfig(**_TINY, context=ContextConfig())).context_sample_weight(
+        all_t) is None
+
+
+def test_feature_target_trains_and_predicts_the_layer_channels() -> None:
+    cfg = TrainConfig(**_TINY, context=ContextConfig(points=8, target="features"))
+    trainer = Trainer(cfg)
+    heads = {n: m.head for n, m in trainer.predictor.loss_modules.items()}
+    channels = trainer.model.decoder_channels()
+    assert all(h.out_channels == channels[n] for n, h in heads.items())
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["context_loss"]) and h["context_loss"] > 0 for h in history)
