@@ -32,15 +32,17 @@ error. A denoising loss is usually a mean over all elements, so compare gradient
 the method page ("What lambda multiplies") gives the gradient-norm ratio that picks ``lambda``.
 
 Default estimator: ``"sinkhorn"`` (:data:`ctxpred.wasserstein.LOSS_ESTIMATOR`). The loss compares
-``Q`` predicted samples with a *masked* set of ``K_s`` neighbors (fewer valid ones at borders),
-i.e. unequal sizes and non-uniform weights. The ``"exact"`` estimator solves those on the host,
-problem by problem (POT's network simplex), its batched device solver covers only equal, uniform
-supports; the log-domain Sinkhorn estimator is batched, differentiable and runs on the device for
-any sizes and masks. Its default schedule is tuned for equal, uniform supports: on masked problems
-in low dimension (pixel targets, ``C = 3``) the value can be a few percent too high (it is the cost
-of a feasible, slightly suboptimal plan). Pass ``estimator_options={"scaling": 0.9, "iterations":
-100}`` for about 1e-4 relative accuracy at roughly twice the estimator's time, or use ``"exact"``
-with ``match_mask=True`` (see :func:`ctxpred.heads.gaussian.sample_divergence`).
+``Q`` predicted samples with a *masked* set of ``K_s`` neighbors (fewer valid ones at borders):
+unequal supports. Both batched estimators handle them on the device with no host sync. The
+``"exact"`` estimator (a batched min-cost flow; values equal POT's ``ot.emd2``) is unbiased and,
+on a CPU, about as fast as the Sinkhorn default on masked problems and faster on unmasked ones
+(``docs/results/estimators_cpu.md``); on an accelerator it runs a fixed number of rounds whose
+cost has not been measured yet, which is why it is not the default. The default Sinkhorn schedule
+is biased high on masked problems in low dimension (pixel targets, ``C = 3``: about +1.5% on
+average and up to about +22% on single problems; the table is on the "Choosing an estimator"
+page). ``estimator_options={"scaling": 0.9, "iterations": 200}`` bounds that error by 1e-3 at
+about 5x the estimator's time; ``"exact"``, or ``"exact"`` with ``match_mask=True`` (a batched
+assignment, see :func:`ctxpred.heads.gaussian.sample_divergence`), removes it.
 """
 
 from __future__ import annotations
@@ -183,8 +185,9 @@ class ContextPredictionLoss(nn.Module):
         estimator: Wasserstein estimator handed to ``head.divergence`` (a registered name, a
             module or a callable ``(x, y, x_weights, y_weights) -> W_p^p``); ``None`` =
             :data:`ctxpred.wasserstein.LOSS_ESTIMATOR` (``"sinkhorn"``, see the module doc).
-        weight: ``lambda``, the factor of this layer's loss; the docs' examples use ``0.1``
-            (the Tuning page says how to check it on your model).
+        weight: ``lambda``, the factor of this layer's loss (default ``0.1``, the value of every
+            example, the demo and the benchmarks; the Tuning page says how to check it on your
+            model from the printed context/denoising gradient-norm ratio).
         stride_weights: ``w_s`` per stride (default ``1/S`` each).
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
@@ -232,7 +235,7 @@ class ContextPredictionLoss(nn.Module):
         neighborhood: nn.Module,
         head: ContextHead,
         estimator: EstimatorSpec | None = None,
-        weight: float = 1.0,
+        weight: float = 0.1,
         stride_weights: Sequence[float] | None = None,
         points: int | float | None = None,
         *,

@@ -250,12 +250,13 @@ def test_targets_per_layer_and_feature_targets():
     tensor gives the same as the mapping (the feature layer takes none)."""
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 3, 8, 8)
-    pixel = ContextPredictionLoss(PixelNeighborhood(strides=(1,)), ctxpred.NaiveHead(3, 8, 8))
+    pixel = ContextPredictionLoss(PixelNeighborhood(strides=(1,)), ctxpred.NaiveHead(3, 8, 8),
+                                  weight=1.0)
     # raw (not standardized) feature context where the extractor offers the choice
     raw = ({"normalize": "none"} if "normalize" in inspect.signature(
         ctxpred.FeatureNeighborhood).parameters else {})
     feature = ContextPredictionLoss(ctxpred.FeatureNeighborhood(strides=(1,), **raw),
-                                    ctxpred.NaiveHead(8, 8, 8))
+                                    ctxpred.NaiveHead(8, 8, 8), weight=1.0)
     predictor = ctxpred.attach(model, {"mid": pixel, "up": feature})
     model(x)
     mid, up = predictor.captured["mid"], predictor.captured["up"]

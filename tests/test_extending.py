@@ -84,7 +84,8 @@ def _oracle_means(target, points, strides):
 def test_custom_head_matches_an_independent_loop():
     torch.manual_seed(0)
     head = MeanHead(3, in_channels=8, num_strides=2)
-    loss_fn = ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(strides=(1, 2)), head)
+    loss_fn = ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(strides=(1, 2)), head,
+                                           weight=1.0)
     features, target = torch.randn(2, 8, 5, 5), torch.randn(2, 3, 5, 5)
     terms = loss_fn.terms(features, target)
     pred = head(features.flatten(2).transpose(1, 2)).double()

@@ -60,7 +60,7 @@ def test_head_reads_the_standardized_features() -> None:
     """Scaling the layer output changes neither the loss nor (up to the scale) its gradient."""
     loss = ctxpred.ContextPredictionLoss(
         FeatureNeighborhood(strides=(1,)), GaussianSamplingHead(out_channels=4, in_channels=4),
-        points=None, scale_anchor=0.0)
+        points=None, scale_anchor=0.0, weight=1.0)
     h = torch.randn(2, 4, 5, 5, requires_grad=True)
     g = torch.Generator().manual_seed(0)
     a = loss(h, generator=g)
@@ -69,7 +69,7 @@ def test_head_reads_the_standardized_features() -> None:
     assert a.item() == pytest.approx(b.item(), rel=1e-4)
     # the scale anchor: beta * (log rms(h) - log rms_0)^2, rms_0 from the first call
     anchored = ctxpred.ContextPredictionLoss(
-        FeatureNeighborhood(strides=(1,)), loss.head, points=None, scale_anchor=2.0)
+        FeatureNeighborhood(strides=(1,)), loss.head, points=None, scale_anchor=2.0, weight=1.0)
     g.manual_seed(0)
     first = anchored(h, generator=g)
     assert first.item() == pytest.approx(a.item(), rel=1e-5)  # zero at the anchored scale

@@ -313,7 +313,7 @@ def test_points_subsampling_count_and_fraction():
     g = torch.Generator().manual_seed(0)
     feats, target = torch.randn(2, 8, 6, 6, generator=g), torch.randn(2, 3, 6, 6, generator=g)
     loss_fn = ContextPredictionLoss(PixelNeighborhood(strides=(1, 2)),
-                                    NaiveHead(3, in_channels=8, num_strides=2))
+                                    NaiveHead(3, in_channels=8, num_strides=2), weight=1.0)
     full = loss_fn.terms(feats, target).per_point  # (2, 36, 2)
     for points, count in ((10, 10), (0.25, 9), (0.3, 11), (1000, 36)):
         loss_fn.points = points
@@ -379,7 +379,8 @@ def test_token_ids_with_categorical_head():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     head = CategoricalHead(6, in_channels=8, num_strides=2)
-    loss_fn = ContextPredictionLoss(TokenNeighborhood(strides=(1, 2), grid_shape=(4, 4)), head)
+    loss_fn = ContextPredictionLoss(TokenNeighborhood(strides=(1, 2), grid_shape=(4, 4)), head,
+                                    weight=1.0)
     tokens = torch.randn(2, 16, 8, generator=g, requires_grad=True)
     ids = torch.randint(0, 6, (2, 16), generator=g)
     loss = loss_fn(tokens, ids)
@@ -390,7 +391,7 @@ def test_token_ids_with_categorical_head():
     assert tokens.grad.abs().sum() > 0
     # a channels-first id map is resized by nearest to a smaller layer grid: every other id
     head_cf = CategoricalHead(6, 8)
-    loss_cf = ContextPredictionLoss(TokenNeighborhood(strides=(1,)), head_cf)
+    loss_cf = ContextPredictionLoss(TokenNeighborhood(strides=(1,)), head_cf, weight=1.0)
     fmap, big = torch.randn(2, 8, 4, 4, generator=g), torch.randint(0, 6, (2, 8, 8), generator=g)
     with torch.no_grad():
         expected = _total_variation_oracle(head_cf, fmap.flatten(2).transpose(1, 2),
@@ -461,7 +462,7 @@ def test_other_heads_train_through_the_module(make_head):
     Bures term is differentiable.)"""
     torch.manual_seed(0)
     head = make_head().double()
-    loss_fn = ContextPredictionLoss(PixelNeighborhood(strides=(1, 2)), head)
+    loss_fn = ContextPredictionLoss(PixelNeighborhood(strides=(1, 2)), head, weight=1.0)
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
     target = torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64)
