@@ -329,8 +329,11 @@ def test_every_constructor_argument_is_documented(cls: type) -> None:
 
     params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
               if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    missing = [p for p in params if p not in _documented_args(inspect.getdoc(cls) or "")]
+    doc = inspect.getdoc(cls) or ""
+    missing = [p for p in params if p not in _documented_args(doc)]
     assert not missing, f"{cls.__qualname__}: Args section lacks {missing}"
+    sections = re.findall(r"^(Args|Returns|Shape|Example):$", doc, re.MULTILINE)
+    assert len(sections) == len(set(sections)), f"{cls.__qualname__}: a repeated section {sections}"
 
 
 def test_documented_args_parser() -> None:

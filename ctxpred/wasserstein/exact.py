@@ -23,7 +23,7 @@ is found without autograd; the value is recomputed from the matched pairs, so it
 the envelope gradient :math:`\partial W / \partial x_i = \tfrac1n \nabla_x \|x_i -
 y_{\sigma(i)}\|^p`.
 
-Unequal support sizes with uniform weights -- ``Q`` predicted samples against the ``m <= K``
+Unequal support sizes with uniform weights — ``Q`` predicted samples against the ``m <= K``
 valid neighbors of a border point, the loss's masked problems -- make a transportation problem
 with rational weights :math:`1/n_a`, :math:`1/n_b`. :func:`transport_plan` solves it exactly on
 the device, all problems at once, as an integer min-cost flow (successive shortest paths with
@@ -805,13 +805,6 @@ _FLOW_NEEDS = (
 
 class ExactWasserstein(EstimatorModule):
     r"""Module form of :func:`exact_wasserstein`, its options fixed (no learnable parameters).
-
-    Args:
-        p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
-        solver: ``"auto"``, ``"assignment"`` or ``"transport"`` (see
-            :func:`exact_wasserstein`).
-        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
-            in training loops.
 
     Args:
         p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).

@@ -177,13 +177,7 @@ class GaussianWasserstein(EstimatorModule):
     r"""Module form of :func:`gaussian_wasserstein`, its options fixed (no learnable parameters).
 
     Args:
-        covariance: ``"full"`` (Bures term, computed as a nuclear norm -- no ``D x D`` square
-            root) or ``"diag"`` (per-coordinate variances only).
-        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
-            in training loops.
-
-    Args:
-        covariance: ``"full"`` (Bures term, computed as a nuclear norm -- no ``D x D`` square
+        covariance: ``"full"`` (Bures term, computed as a nuclear norm — no ``D x D`` square
             root) or ``"diag"`` (per-coordinate variances only).
         check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
             in training loops.

@@ -249,21 +249,6 @@ class SinkhornWasserstein(EstimatorModule):
         check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
             in training loops.
 
-    Args:
-        p: cost exponent ``>= 1`` (``p=2``: squared Euclidean cost, value ~ :math:`W_2^2`).
-        blur: entropic length scale in data units, :math:`\varepsilon = \text{blur}^p`;
-            ``None`` (default) uses ``relative_blur``.
-        relative_blur: :math:`\varepsilon` as a fraction of each problem's mean cost (used when
-            ``blur`` is ``None``), so the accuracy does not depend on the data's scale.
-        scaling: epsilon-scaling factor in ``(0, 1)``: :math:`\varepsilon_t =
-            \max(\text{diameter}\cdot\text{scaling}^t, \varepsilon)`; closer to 1 is slower
-            and more accurate.
-        iterations: fixed number of Sinkhorn iterations (no convergence test, no host sync).
-        overrelaxation: :math:`\omega \in [1, 2)`, over-relaxed updates (1 = plain Sinkhorn).
-        debias: return the Sinkhorn divergence (3 solves) instead of the plan's transport cost.
-        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
-            in training loops.
-
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
 

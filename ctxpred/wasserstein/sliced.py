@@ -158,15 +158,6 @@ class SlicedWasserstein(EstimatorModule):
         check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
             in training loops.
 
-    Args:
-        p: cost exponent ``>= 1`` of the 1-D costs (the value is :math:`SW_p^p`).
-        num_projections: random directions per call, drawn on the device.
-        seed: ``None`` draws fresh directions from the global RNG of ``x``'s device at every call
-            (the form that works under ``torch.compile``); an int draws them from a fresh CPU
-            generator with this seed, so every call uses the same directions.
-        check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
-            in training loops.
-
     Shape:
         ``x (..., N, D)``, ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``.
 
