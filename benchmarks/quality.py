@@ -159,10 +159,22 @@ def continuous_variants(strides_all: tuple[int, ...] = (1, 2, 3)) -> dict[str, A
     }
 
 
-def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
-    """Runs of the continuous reference model (see the module docstring)."""
+def _train_config(preset: Preset, dataset: str, seed: int, context: Any, device: str,
+                  data: Any) -> Any:
+    """The reference trainer's config of one run (bundled ``dataset`` or the ``--data`` images:
+    no flips, their image size)."""
     from reference_models.continuous import TrainConfig
 
+    return TrainConfig(
+        dataset=dataset, steps=preset.steps, batch_size=preset.batch_size, lr=preset.lr,
+        base_channels=preset.base_channels, seed=seed, device=device, log_every=50,
+        context=context, flip=None if data is None else False,
+        image_size=None if data is None else data.train.shape[-1],
+    )
+
+
+def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec]:
+    """Runs of the continuous reference model (see the module docstring)."""
     variants = continuous_variants()
     data = getattr(args, "loaded_data", None)
     specs: list[RunSpec] = []
@@ -172,13 +184,7 @@ def continuous_section(preset: Preset, args: argparse.Namespace) -> list[RunSpec
             for seed in seeds:
                 if context is not None:
                     context = dataclasses.replace(context, points=preset.context_points)
-                config = TrainConfig(
-                    dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
-                    lr=preset.lr, base_channels=preset.base_channels, seed=seed,
-                    device=args.device, log_every=50, context=context,
-                    flip=None if data is None else False,
-                    image_size=None if data is None else data.train.shape[-1],
-                )
+                config = _train_config(preset, dataset, seed, context, args.device, data)
 
                 def run(config: Any = config, dataset: str = dataset) -> dict[str, Any]:
                     return _train_and_evaluate(config, preset, dataset, not args.no_progress,
@@ -477,8 +483,6 @@ def _train_and_evaluate(config: Any, preset: Preset, dataset: str, progress: boo
 def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
     """The runs of ``stage`` in execution order: per dataset, variant-major (all seeds of a
     variant before the next variant), the baseline first."""
-    from reference_models.continuous import TrainConfig
-
     catalog = study_variants()
     chosen = args.variants if args.variants else stage.variants
     if chosen is None:
@@ -500,13 +504,7 @@ def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
         for variant in variants:
             context = catalog[variant]
             for seed in seeds:
-                config = TrainConfig(
-                    dataset=dataset, steps=preset.steps, batch_size=preset.batch_size,
-                    lr=preset.lr, base_channels=preset.base_channels, seed=seed,
-                    device=args.device, log_every=50, context=context,
-                    flip=None if data is None else False,
-                    image_size=None if data is None else data.train.shape[-1],
-                )
+                config = _train_config(preset, dataset, seed, context, args.device, data)
                 spec = {"train": _compact(config),
                         "eval": {k: getattr(preset, k) for k in
                                  ("samples", "sample_steps", "inpaint_images", "inpaint_steps",

@@ -49,7 +49,6 @@ from ctxpred import (
 FeatureNeighborhood = (ctxpred.FeatureNeighborhood if hasattr(ctxpred, "FeatureNeighborhood")
                        else ctxpred.MultiStrideNeighborhood)
 
-NOT_FIXED = pytest.mark.xfail(strict=True, reason="issue 13: not fixed yet")
 
 
 # -- a small backbone and losses ----------------------------------------------------------------
@@ -783,9 +782,8 @@ def warns(match: str) -> Outcome:
     return Outcome("warns", UserWarning, match)
 
 
-def row(scenario: Callable, outcome: Outcome, fixed: bool = True):
-    marks = () if fixed else (NOT_FIXED,)
-    return pytest.param(scenario, outcome, id=scenario.__name__, marks=marks)
+def row(scenario: Callable, outcome: Outcome):
+    return pytest.param(scenario, outcome, id=scenario.__name__)
 
 
 ROWS = [
