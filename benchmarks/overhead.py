@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -70,12 +71,60 @@ def layer_channels(args: argparse.Namespace) -> dict[str, int]:
 Setting = tuple[int, str, bool] | None  # (points, estimator, match_mask); None = no context
 
 
-def _variants(args: argparse.Namespace) -> dict[str, Setting]:
+def reference_variants() -> dict[str, Any]:
+    """``{name: ContextConfig | None}`` timed with ``--model reference``: the trainer's default
+    (the recommended configuration), the quality study's confirm variant and cheaper options."""
+    from reference_models.continuous import ContextConfig
+
+    r = dataclasses.replace
+    default = ContextConfig()
+    return {
+        "baseline": None,
+        "default": default,
+        "points_32": r(default, points=32),
+        "points_16": r(default, points=16),
+        "exact_matched": r(default, estimator="exact", match_mask=True),
+        "exact_matched_points_32": r(default, estimator="exact", match_mask=True, points=32),
+        "study_q16_points_32": r(default, weight=0.3, num_samples=16, points=32),
+    }
+
+
+def _variants(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model == "reference":
+        return reference_variants()
     out: dict[str, Setting] = {"baseline": None}
     out.update({f"context_points_{p}": (p, "sinkhorn", False) for p in args.points})
     out.update({f"context_points_{p}_exact_matched": (p, "exact", True)
                 for p in args.exact_points})
     return out
+
+
+class ReferenceVariant:
+    """The reference model's :class:`~reference_models.continuous.Trainer` (32x32 textures, the
+    demo's UNet and batch) with ``context`` (``None``: no context prediction); one step is
+    ``Trainer.train_step`` (data, noise, denoising + context loss, clipping, AdamW, EMA), with the
+    gradient-ratio diagnostic off."""
+
+    def __init__(self, args: argparse.Namespace, context: Any) -> None:
+        from reference_models.continuous import TrainConfig, Trainer
+
+        config = TrainConfig(dataset="textures", batch_size=args.batch,
+                             base_channels=args.base_channels, lr=1e-3, diagnostic_every=0,
+                             device=args.device, context=context)
+        self.trainer = Trainer(config)
+        self.device = self.trainer.device
+        self.opt = self.trainer.optimizer
+
+    def step(self) -> None:
+        self.trainer.train_step()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def make_variant(args: argparse.Namespace, setting: Any) -> Any:
+    return ReferenceVariant(args, setting) if args.model == "reference" else Variant(args, setting)
 
 
 class Variant:
@@ -122,7 +171,7 @@ class Variant:
 
 
 def measure_time(args: argparse.Namespace) -> dict[str, Any]:
-    variants = {name: Variant(args, setting) for name, setting in _variants(args).items()}
+    variants = {name: make_variant(args, setting) for name, setting in _variants(args).items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     peaks: dict[str, float] = {}
     for _ in range(args.warmup):
@@ -189,7 +238,7 @@ class _RssSampler:
 
 def _child_peak(args: argparse.Namespace, variant: str) -> float:
     """In a fresh process: peak RSS above the resting RSS during 3 steps after warmup (MiB)."""
-    v = Variant(args, _variants(args)[variant])
+    v = make_variant(args, _variants(args)[variant])
     for _ in range(args.warmup):
         v.step()
     v.opt.zero_grad(set_to_none=True)
@@ -221,20 +270,37 @@ def measure_cpu_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, A
     }
 
 
+def _fields(config: Any) -> str:
+    """The fields of a dataclass that differ from their defaults, as ``k=v`` (``""``: all
+    defaults)."""
+    default = type(config)()
+    return ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+                     if getattr(config, f.name) != getattr(default, f.name))
+
+
 def write_report(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     cfg = result["config"]
+    if cfg.get("model") == "reference":
+        title = "Context-prediction overhead on the reference model"
+        model = (f"Model: the reference DDPM trainer (`reference_models.continuous.Trainer`, "
+                 f"32x32 textures, UNet base width {cfg['base_channels']}, batch {cfg['batch']}"
+                 f"; a step = `Trainer.train_step`: denoising + context loss, clipping, AdamW, "
+                 f"EMA). Variants: {result['variants']}.")
+    else:
+        title = "Context-prediction overhead"
+        model = (f"Model: diffusers `UNet2DModel`, {cfg['size']}x{cfg['size']} RGB, block "
+                 f"channels {tuple(cfg['channels'])}, {cfg['layers']} layers per block, batch "
+                 f"{cfg['batch']}; context on `{LAYERS[0]}` and `{LAYERS[1]}`, strides "
+                 f"{STRIDES}, GaussianSamplingHead with Q={cfg['samples']}, `points` query "
+                 f"points per sample and layer, estimator `{result['estimator']}`.")
     lines = [
-        f"# Context-prediction overhead ({result['device']})",
+        f"# {title} ({result['device']})",
         "",
         f"Written by `{result['command']}` on {result['date']}.",
         "",
-        f"Model: diffusers `UNet2DModel`, {cfg['size']}x{cfg['size']} RGB, block channels "
-        f"{tuple(cfg['channels'])}, {cfg['layers']} layers per block, batch {cfg['batch']}; "
-        f"context on `{LAYERS[0]}` and `{LAYERS[1]}`, strides {STRIDES}, "
-        f"GaussianSamplingHead with Q={cfg['samples']}, `points` query points per sample "
-        f"and layer, estimator `{result['estimator']}`.",
+        model,
         "",
         "| variant | step time (median, ms) | min-max (ms) | time ratio | "
         "peak step memory (MiB) | memory ratio |",
@@ -262,9 +328,14 @@ def write_report(result: dict[str, Any], path: Path) -> None:
     path.with_suffix(".md").write_text("\n".join(lines))
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options (``--quick`` shrinks every size to a smoke run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=("diffusers", "reference"), default="diffusers",
+                        help="diffusers: a UNet2DModel step; reference: the reference trainer")
+    parser.add_argument("--base-channels", type=int, default=16,
+                        help="--model reference: UNet base width (the demo's: 16)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 128])
@@ -282,8 +353,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
+        args.base_channels = 8
         args.batch, args.size, args.channels, args.layers = 2, 16, [16, 32, 32], 1
         args.points, args.exact_points, args.steps, args.warmup = [16], [16], 2, 1
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_memory:
@@ -301,18 +378,26 @@ def main(argv: list[str]) -> int:
         "estimator": "sinkhorn (the ContextPredictionLoss default); *_exact_matched: "
                      "estimator='exact' with match_mask=True (Q = K_s = 8)",
         "config": {k: v for k, v in vars(args).items()
-                   if k in ("batch", "size", "channels", "layers", "points", "exact_points",
-                            "samples", "steps", "warmup")},
+                   if k in (("model", "batch", "base_channels", "steps", "warmup")
+                            if args.model == "reference" else
+                            ("batch", "size", "channels", "layers", "points", "exact_points",
+                             "samples", "steps", "warmup"))},
         "note": ("Shared, noisy CPU machine (other jobs running): treat the ratios as rough."
                  if args.device == "cpu" else ""),
     }
+    if args.model == "reference":
+        result["variants"] = "; ".join(
+            f"`{name}` = " + ("no context" if cfg is None else
+                              f"`ContextConfig({_fields(cfg)})`")
+            for name, cfg in reference_variants().items())
     result.update(measure_time(args))
     if "peak_mib" not in result:
         result.update(measure_cpu_memory(args, argv))
     print(json.dumps({k: result[k] for k in ("step_ms", "time_ratio", "peak_mib",
                                              "memory_ratio")}, indent=2))
     if not args.quick:
-        out = args.out or ROOT / "docs" / "results" / f"overhead_{torch.device(args.device).type}"
+        stem = "overhead_reference" if args.model == "reference" else "overhead"
+        out = args.out or ROOT / "docs" / "results" / f"{stem}_{torch.device(args.device).type}"
         write_report(result, out)
         print(f"wrote {out.with_suffix('.md')} and .json")
     return 0

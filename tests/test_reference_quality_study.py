@@ -7,6 +7,8 @@ import dataclasses
 import itertools
 import json
 import math
+import multiprocessing
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +227,28 @@ def test_study_resumes_after_an_interruption(tmp_path) -> None:
     table = quality.study_table("sweep", json.loads(path.read_text())["sweep"])
     row = next(line for line in table.splitlines() if line.startswith("| v | 2 |"))
     assert "-10.0%" in row or "-6.7%" in row  # swd: -0.1 on baselines 1 and 2 (mean 1.5)
+
+
+def _write_many(path: str, dataset: str, count: int) -> None:
+    runs = [quality.StudyRun("sweep", dataset, "baseline", seed, {},
+                             lambda seed=seed: {"swd": float(seed)}) for seed in range(count)]
+    quality.run_study(runs, Path(path), log=lambda _: None)
+
+
+def test_two_study_processes_on_one_file_keep_every_run(tmp_path) -> None:
+    """Two processes (e.g. one per dataset, one per core) store runs into one study file: the
+    locked read-modify-write keeps all of them (without the lock, records are lost)."""
+    path = tmp_path / "study.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(path), name, 150)) for name in "ab"]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    stored = json.loads(path.read_text())["sweep"]
+    assert sorted(stored) == sorted(f"{d}/baseline/{s}" for d in "ab" for s in range(150))
+    assert not list(tmp_path.glob(".*tmp"))
 
 
 def test_study_stage_runs_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch) -> None:
