@@ -85,6 +85,7 @@ def reference_variants() -> dict[str, Any]:
         "points_16": r(default, points=16),
         "exact_matched": r(default, estimator="exact", match_mask=True),
         "exact_matched_points_32": r(default, estimator="exact", match_mask=True, points=32),
+        "exact_matched_points_16": r(default, estimator="exact", match_mask=True, points=16),
         "study_q16_points_32": r(default, weight=0.3, num_samples=16, points=32),
     }
 

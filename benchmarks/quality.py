@@ -374,6 +374,7 @@ def study_variants() -> dict[str, Any]:
         "px-l0.3-q4": r(ref, num_samples=4),
         "px-l0.3-q16": r(ref, num_samples=16),
         "px-l0.3-h16": r(ref, hidden_channels=16),
+        "px-l0.3-linear": r(ref, hidden_channels=None),  # linear decoder (declared 2026-11-30)
         "px-l0.3-naive": r(ref, head="naive"),
         # estimator: exact assignment with matched masks (Q = K_s = 8)
         "px-l0.3-exact": r(ref, estimator="exact", match_mask=True),
@@ -393,7 +394,7 @@ STAGES: dict[str, Stage] = {
     "sweep": Stage("sweep", _SWEEP, (0, 1, 2), ("textures", "digits"),
                    ("baseline", "px-l0.1", "px-l0.3", "px-l1", "px-l3", "px-l0.3-finest",
                     "px-l0.3-lastconv", "px-l0.3-q4", "px-l0.3-q16", "px-l0.3-h16",
-                    "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12",
+                    "px-l0.3-linear", "px-l0.3-naive", "px-l0.3-exact", "px-l0.3-s1", "px-l0.3-s12",
                     "px-l0.3-snr", "px-l0.3-tcut", "feat-l0.1", "feat-l0.3"),
                    "coarse one-factor-at-a-time sweep, 3 paired seeds, ~2 min per run"),
     "confirm": Stage("confirm", _DEMO, tuple(range(10)), ("textures", "digits"), None,

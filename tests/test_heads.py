@@ -131,9 +131,36 @@ def test_categorical_low_temperature_soft_samples_are_nearly_one_hot():
     assert (samples.max(-1).values > 0.99).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_gaussian_head_samples_are_its_latent_gaussian_through_its_decoder(hidden):
+    """Oracle: the samples are ``decoder(mu + sigma * xi)`` with the same noise, drawn by hand;
+    ``hidden_channels=None`` makes that decoder one affine map, so the predicted neighborhood is
+    a Gaussian with mean ``W mu + b``."""
+    torch.manual_seed(0)
+    head = GaussianSamplingHead(3, 5, num_samples=4000, latent_dim=6, hidden_channels=hidden,
+                                num_strides=2).double()
+    z = torch.randn(1, 2, 5, dtype=torch.float64)
+    out = head(z, generator=torch.Generator().manual_seed(3))
+    mu, log_sigma = head.distribution(z)
+    xi = torch.randn((1, 2, 2, 4000, 6), generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64)
+    latent = mu.unsqueeze(-2) + log_sigma.exp().unsqueeze(-2) * xi
+    if hidden is None:
+        assert isinstance(head.decoder, torch.nn.Linear) and "linear decoder" in repr(head)
+        w, b = head.decoder.weight, head.decoder.bias
+        expected = latent @ w.T + b
+        torch.testing.assert_close(out.mean(-2), mu @ w.T + b, atol=0.15, rtol=0)
+    else:
+        assert "linear decoder" not in repr(head)
+        expected = head.decoder[2](torch.nn.functional.silu(head.decoder[0](latent)))
+    torch.testing.assert_close(out, expected)
+
+
 def test_head_argument_errors():
     with pytest.raises(ValueRangeError, match="out_channels"):
         GaussianSamplingHead(0)
+    with pytest.raises(ValueRangeError, match=r"hidden_channels \(None: a linear decoder\)"):
+        GaussianSamplingHead(3, hidden_channels=0)
     with pytest.raises(ValueRangeError, match="num_samples"):
         GaussianSamplingHead(3, num_samples=0)
     with pytest.raises(ValueRangeError, match="num_strides"):

@@ -92,7 +92,10 @@ class GaussianSamplingHead(ContextHead):
         h_{iq}^s = \mu_i^s + \sigma_i^s \odot \xi_q, \qquad \xi_q \sim \mathcal N(0, I)
 
     (reparameterized, so gradients reach ``z``) go through a shared MLP
-    ``latent_dim -> hidden_channels -> C_out``. The empirical distribution of the ``Q`` outputs is
+    ``latent_dim -> hidden_channels -> C_out`` (or, with ``hidden_channels=None``, one linear
+    layer ``latent_dim -> C_out``: the predicted neighborhood is then itself a Gaussian,
+    :math:`\mathcal N(W\mu_i^s + b,\ W \operatorname{diag}(\sigma_i^{s\,2}) W^\top)`, a
+    lower-capacity and cheaper decoder). The empirical distribution of the ``Q`` outputs is
     the predicted neighborhood; ``Q`` is independent of the neighbor count. Divergence:
     :func:`sample_divergence` by the loss's Wasserstein estimator.
 
@@ -103,7 +106,8 @@ class GaussianSamplingHead(ContextHead):
         num_samples: ``Q``, samples drawn per point and stride; any count (``Q = K_s``, e.g. 8
             for a 3x3 ring, lets the loss use ``match_mask=True``).
         latent_dim: size of the Gaussian latent.
-        hidden_channels: width of the shared decoder MLP.
+        hidden_channels: width of the shared decoder MLP; ``None``: a linear decoder (no
+            hidden layer).
         num_strides: ``S``; one Gaussian per stride (``1`` shares it across strides). Use
             ``len(strides)`` of the neighborhood.
 
@@ -130,17 +134,22 @@ class GaussianSamplingHead(ContextHead):
         *,
         num_samples: int = 8,
         latent_dim: int = 16,
-        hidden_channels: int = 64,
+        hidden_channels: int | None = 64,
         num_strides: int = 1,
     ) -> None:
         super().__init__(out_channels, in_channels, num_strides)
         self.num_samples = _positive_int(num_samples, "num_samples")
         self.latent_dim = _positive_int(latent_dim, "latent_dim")
-        hidden = _positive_int(hidden_channels, "hidden_channels")
         self.encoder = _linear(in_channels, 2 * self.num_strides * self.latent_dim)
-        self.decoder = nn.Sequential(
-            nn.Linear(self.latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, self.out_channels)
-        )
+        self.decoder: nn.Module
+        if hidden_channels is None:
+            self.decoder = nn.Linear(self.latent_dim, self.out_channels)
+        else:
+            hidden = _positive_int(hidden_channels, "hidden_channels (None: a linear decoder)")
+            self.decoder = nn.Sequential(
+                nn.Linear(self.latent_dim, hidden), nn.SiLU(),
+                nn.Linear(hidden, self.out_channels),
+            )
 
     def distribution(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, log_sigma)``, each ``(B, P, S, latent_dim)``; ``log_sigma`` is clamped to
@@ -173,5 +182,6 @@ class GaussianSamplingHead(ContextHead):
                                  match_mask)
 
     def extra_repr(self) -> str:
+        linear = ", linear decoder" if isinstance(self.decoder, nn.Linear) else ""
         return (f"{super().extra_repr()}, num_samples={self.num_samples}, "
-                f"latent_dim={self.latent_dim}")
+                f"latent_dim={self.latent_dim}{linear}")

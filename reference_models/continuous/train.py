@@ -65,7 +65,7 @@ class ContextConfig:
         points: query points per image and step (count, fraction or ``None`` for all).
         num_samples: ``Q`` of the Gaussian head.
         latent_dim: latent size of the Gaussian head.
-        hidden_channels: width of the Gaussian head's decoder MLP.
+        hidden_channels: width of the Gaussian head's decoder MLP; ``None``: a linear decoder.
         target: ``"pixels"`` (the clean image, resized to each layer's grid) or
             ``"features"`` (the feature context: each layer predicts its own multi-stride
             features, :class:`ctxpred.FeatureNeighborhood` with its default scale-free
@@ -91,7 +91,7 @@ class ContextConfig:
     points: int | float | None = 64
     num_samples: int = 8
     latent_dim: int = 16
-    hidden_channels: int = 64
+    hidden_channels: int | None = 64
     match_mask: bool = False
     target: Literal["pixels", "features"] = "pixels"
     timestep_weighting: Literal["none", "snr", "cutoff"] = "none"
