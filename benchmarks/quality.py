@@ -561,6 +561,40 @@ def save_study(path: Path, study: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(path: Path, claims: Path, run: StudyRun) -> bool:
+    """Under the lock: ``False`` if ``run`` is stored meanwhile or claimed by another live
+    process (e.g. a second process working through the same stage from the other end), else
+    claim it for this process (``{stage/key: pid}`` in ``claims``) and return ``True``."""
+    name = f"{run.stage}/{run.key}"
+    with study_lock(path):
+        if run.key in load_study(path).get(run.stage, {}):
+            return False
+        held = json.loads(claims.read_text()) if claims.exists() else {}
+        pid = held.get(name)
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            return False
+        held[name] = os.getpid()
+        claims.write_text(json.dumps(held))
+        return True
+
+
+def _release(path: Path, claims: Path, run: StudyRun) -> None:
+    with study_lock(path):
+        held = json.loads(claims.read_text()) if claims.exists() else {}
+        if held.pop(f"{run.stage}/{run.key}", None) is not None:
+            claims.write_text(json.dumps(held))
+
+
 def pending_runs(runs: list[StudyRun], stored: dict[str, Any]) -> list[StudyRun]:
     """The runs not stored yet; a stored run with another ``spec`` raises (rename the variant
     or remove the record: mixing two protocols under one key would corrupt the pairing)."""
@@ -589,20 +623,27 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
         [r for r in runs if r.stage == stage], study.get(stage, {}))]
     todo.sort(key=runs.index)
     log(f"{len(runs)} runs, {len(runs) - len(todo)} already in {path}, {len(todo)} to go")
+    claims = path.with_name(f".{path.name}.claims")
     for i, run in enumerate(todo, 1):
         if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
             log(f"stopping after {max_minutes} min; rerun the same command to resume")
             break
+        if not _claim(path, claims, run):
+            log(f"[{i}/{len(todo)}] {run.stage}/{run.key}: stored or running in another process")
+            continue
         t0 = time.perf_counter()
-        metrics = run.run()
-        with study_lock(path):
-            study = load_study(path)  # re-read: another process may have written meanwhile
-            study.setdefault(run.stage, {})[run.key] = {
-                "metrics": metrics, "spec": run.spec, "commit": commit,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            save_study(path, study)
+        try:
+            metrics = run.run()
+            with study_lock(path):
+                study = load_study(path)  # re-read: another process may have written meanwhile
+                study.setdefault(run.stage, {})[run.key] = {
+                    "metrics": metrics, "spec": run.spec, "commit": commit,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                save_study(path, study)
+        finally:
+            _release(path, claims, run)
         done += 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         log(f"[{i}/{len(todo)}] {run.stage}/{run.key}: {shown} "

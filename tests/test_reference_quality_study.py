@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -229,10 +230,47 @@ def test_study_resumes_after_an_interruption(tmp_path) -> None:
     assert "-10.0%" in row or "-6.7%" in row  # swd: -0.1 on baselines 1 and 2 (mean 1.5)
 
 
-def _write_many(path: str, dataset: str, count: int) -> None:
+def _write_many(path: str, dataset: str, count: int, executed: str | None = None,
+                reverse: bool = False) -> None:
+    def run(seed: int) -> dict:
+        if executed is not None:
+            with open(executed, "a") as f:
+                f.write(f"{seed}\n")
+            time.sleep(0.01)
+        return {"swd": float(seed)}
+
+    seeds = range(count)[::-1] if reverse else range(count)
     runs = [quality.StudyRun("sweep", dataset, "baseline", seed, {},
-                             lambda seed=seed: {"swd": float(seed)}) for seed in range(count)]
+                             lambda seed=seed: run(seed)) for seed in seeds]
     quality.run_study(runs, Path(path), log=lambda _: None)
+
+
+def test_two_processes_split_one_stage_without_running_anything_twice(tmp_path) -> None:
+    """Two processes given the same runs (one from each end): every run is made exactly once,
+    the claims of the other live process are respected, and nothing is left claimed."""
+    path, executed = tmp_path / "study.json", tmp_path / "executed.txt"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(path), "d", 40, str(executed), rev))
+             for rev in (False, True)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    assert sorted(int(x) for x in executed.read_text().split()) == list(range(40))
+    assert len(json.loads(path.read_text())["sweep"]) == 40
+    assert json.loads((tmp_path / ".study.json.claims").read_text()) == {}
+
+
+def test_a_claim_of_a_dead_process_is_taken_over(tmp_path) -> None:
+    path = tmp_path / "study.json"
+    proc = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join()
+    (tmp_path / ".study.json.claims").write_text(json.dumps({"sweep/d/baseline/0": proc.pid}))
+    calls: list[str] = []
+    assert quality.run_study(_fake_runs(calls), path, log=lambda _: None) == 4
+    assert calls[0] == "d/baseline/0"
 
 
 def test_two_study_processes_on_one_file_keep_every_run(tmp_path) -> None:
