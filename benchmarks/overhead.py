@@ -343,7 +343,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--points", type=int, nargs="+", default=[32, 64],
                         help="query points per sample and layer; one context variant each")
-    parser.add_argument("--exact-points", type=int, nargs="*", default=[64],
+    parser.add_argument("--exact-points", type=int, nargs="*", default=[32, 64],
                         help="points for variants with estimator='exact' and match_mask=True")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
