@@ -664,6 +664,34 @@ def _fmt_ci(c: Any, relative: bool) -> str:
     return f"{c.mean_diff:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]"
 
 
+def verdict(comps: list[Any], adjusted: list[float], alpha: float = 0.05) -> str:
+    """The declared decision rule on one dataset's primary metrics (all lower is better).
+
+    ``"helps"``: at least one metric's interval lies entirely below 0 with Holm-adjusted
+    ``p < alpha`` and no interval lies entirely above 0; ``"hurts"``: the mirror image;
+    ``"mixed"``: a significant metric each way; otherwise ``"no effect shown"`` (the
+    intervals then bound the effect). ``comps`` are
+    :class:`benchmarks.paired.PairedComparison` (``None`` for a metric without pairs).
+
+    Example:
+        >>> from benchmarks.paired import paired_comparison
+        >>> better = paired_comparison([1.0, 2.0, 3.0, 4.0], [0.9, 1.8, 2.85, 3.8])
+        >>> flat = paired_comparison([1.0, 2.0, 3.0, 4.0], [1.1, 1.8, 3.1, 3.9])
+        >>> verdict([better, flat], [0.01, 1.0]), verdict([flat, flat], [1.0, 1.0])
+        ('helps', 'no effect shown')
+    """
+    pairs = [(c, p) for c, p in zip(comps, adjusted) if c is not None and not math.isnan(p)]
+    better = any(c.ci_high < 0 and p < alpha for c, p in pairs)
+    worse = any(c.ci_low > 0 and p < alpha for c, p in pairs)
+    if better and worse:
+        return "mixed"
+    if better and not any(c.ci_low > 0 for c, _ in pairs):
+        return "helps"
+    if worse and not any(c.ci_high < 0 for c, _ in pairs):
+        return "hurts"
+    return "no effect shown"
+
+
 def study_table(stage: str, records: dict[str, dict[str, Any]],
                 planned: list[str] | None = None) -> str:
     """Markdown of one stage: per dataset, each variant's paired comparison with the baseline
@@ -691,13 +719,16 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
             declared.index(kv[0]) if kv[0] in declared else len(declared), kv[0])))
         primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)
         base = variants.get("baseline", {})
+        claims = stage != "sweep"  # the sweep only ranks: no verdict column
         lines += [f"### {stage}: {dataset}", "",
                   "Variant minus baseline on the same seeds, in % of the baseline mean: mean "
                   "[95% paired-t interval]; p = paired t-test (Holm-adjusted over the "
-                  f"{len(primary)} primary metrics). Negative = better.", "",
+                  f"{len(primary)} primary metrics). Negative = better."
+                  + (" Verdict: the declared decision rule (:func:`verdict`)." if claims
+                     else ""), "",
                   "| variant | paired seeds | " + " | ".join(
-                      f"{m} | p {m}" for m in primary) + " |",
-                  "|---|---|" + "---|---|" * len(primary)]
+                      f"{m} | p {m}" for m in primary) + (" | verdict |" if claims else " |"),
+                  "|---|---|" + "---|---|" * len(primary) + ("---|" if claims else "")]
         for variant, by_seed in variants.items():
             if variant == "baseline":
                 continue
@@ -717,6 +748,8 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
                     continue
                 cells.append(_fmt_ci(c, relative=True))
                 cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
+            if claims:
+                cells.append(verdict(comps, adjusted))
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
         lines += ["", "Means over seeds (all metrics lower is better except grad_ratio, the "
                   "context/denoising gradient-norm ratio at the hooked layers):", ""]

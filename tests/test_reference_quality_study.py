@@ -350,3 +350,26 @@ def test_feature_target_trains_and_predicts_the_layer_channels() -> None:
     assert all(h.out_channels == channels[n] for n, h in heads.items())
     history = trainer.train(progress=False)
     assert all(math.isfinite(h["context_loss"]) and h["context_loss"] > 0 for h in history)
+
+
+def test_verdict_applies_the_declared_rule() -> None:
+    from benchmarks.paired import PairedComparison
+
+    def comp(low: float, high: float) -> PairedComparison:
+        return PairedComparison(n=10, mean_diff=(low + high) / 2, ci_low=low, ci_high=high,
+                                p_value=0.01, baseline_mean=1.0)
+
+    below, above, across = comp(-0.3, -0.1), comp(0.1, 0.3), comp(-0.1, 0.1)
+    assert quality.verdict([below, across], [0.02, 0.9]) == "helps"
+    assert quality.verdict([below, across], [0.06, 0.9]) == "no effect shown"  # Holm p too big
+    assert quality.verdict([above, across], [0.02, 0.9]) == "hurts"
+    assert quality.verdict([below, above], [0.02, 0.02]) == "mixed"
+    # an interval above 0 that misses significance after Holm still vetoes "helps"
+    assert quality.verdict([below, above], [0.02, 0.2]) == "no effect shown"
+    assert quality.verdict([None, across], [math.nan, 0.9]) == "no effect shown"
+    # the confirm table shows it, the sweep's does not
+    recs = {f"t/{v}/{s}": {"metrics": {"swd": b + s + 0.01 * s * s, "neighbor": b + s}}
+            for v, b in (("baseline", 1.0), ("v", 0.5)) for s in range(4)}
+    recs["t/v/1"]["metrics"]["neighbor"] += 0.02
+    assert "| helps |" in quality.study_table("confirm", recs)
+    assert "verdict" not in quality.study_table("sweep", recs)
