@@ -724,8 +724,8 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
                   "Variant minus baseline on the same seeds, in % of the baseline mean: mean "
                   "[95% paired-t interval]; p = paired t-test (Holm-adjusted over the "
                   f"{len(primary)} primary metrics). Negative = better."
-                  + (" Verdict: the declared decision rule (:func:`verdict`)." if claims
-                     else ""), "",
+                  + (" Verdict: the declared decision rule (`verdict()` in "
+                     "`benchmarks/quality.py`)." if claims else ""), "",
                   "| variant | paired seeds | " + " | ".join(
                       f"{m} | p {m}" for m in primary) + (" | verdict |" if claims else " |"),
                   "|---|---|" + "---|---|" * len(primary) + ("---|" if claims else "")]
