@@ -401,6 +401,13 @@ STAGES: dict[str, Stage] = {
                      "the best 1-2 sweep variants vs baseline, 10 paired seeds, demo budget "
                      "(best = lowest mean over the primary metrics of the paired % difference "
                      "in the sweep)"),
+    # Declared 2026-11-30 after the confirm stage, before any of its runs: the confirm stage's
+    # textures result for px-l0.3-q16 (patch SWD -17.0% [-32.0, -2.1], Holm p = 0.059) just
+    # missed the rule; adding seeds to that stage would be optional stopping. This is a fresh
+    # experiment on new seeds (10-29), judged alone by the same rule, never pooled with confirm.
+    "replicate": Stage("replicate", _DEMO, tuple(range(10, 30)), ("textures",), ("px-l0.3-q16",),
+                       "px-l0.3-q16 on 20 fresh seeds (10-29), textures, demo budget; judged "
+                       "alone"),
     # digits, not textures: at 3x the demo's steps a textures run takes 10-17 min on one CPU
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,

@@ -179,6 +179,12 @@ def test_study_runs_are_declared_and_fingerprinted() -> None:
         quality.study_runs(quality.STAGES["confirm"], _args(variants=["nope"]))
     confirm = quality.study_runs(quality.STAGES["confirm"], _args(variants=["px-l1"]))
     assert len(confirm) == 2 * 2 * 10  # 2 datasets x (baseline + px-l1) x 10 seeds
+    # the replication uses fresh seeds only, with the confirm stage's protocol
+    replicate = quality.study_runs(quality.STAGES["replicate"], _args())
+    assert {r.seed for r in replicate} == set(range(10, 30))
+    assert {r.seed for r in replicate}.isdisjoint(r.seed for r in confirm)
+    assert {r.variant for r in replicate} == {"baseline", "px-l0.3-q16"}
+    assert replicate[0].spec["eval"] == confirm[0].spec["eval"]
 
 
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
