@@ -100,7 +100,18 @@ def _variants(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-class ReferenceVariant:
+class _Timed:
+    """What :func:`measure_time` needs of a variant: ``device``, ``opt``, ``step()`` and
+    ``sync()`` (waits for the device's queued work; nothing on CPU)."""
+
+    device: torch.device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class ReferenceVariant(_Timed):
     """The reference model's :class:`~reference_models.continuous.Trainer` (32x32 textures, the
     demo's UNet and batch) with ``context`` (``None``: no context prediction); one step is
     ``Trainer.train_step`` (data, noise, denoising + context loss, clipping, AdamW, EMA), with the
@@ -119,16 +130,12 @@ class ReferenceVariant:
     def step(self) -> None:
         self.trainer.train_step()
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
-
-def make_variant(args: argparse.Namespace, setting: Any) -> Any:
+def make_variant(args: argparse.Namespace, setting: Any) -> _Timed:
     return ReferenceVariant(args, setting) if args.model == "reference" else Variant(args, setting)
 
 
-class Variant:
+class Variant(_Timed):
     """A model, optimizer and (optionally) attached context prediction, with one train step."""
 
     def __init__(self, args: argparse.Namespace, setting: Setting) -> None:
@@ -166,9 +173,6 @@ class Variant:
         loss.backward()
         self.opt.step()
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def measure_time(args: argparse.Namespace) -> dict[str, Any]:

@@ -580,6 +580,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_claims(claims: Path) -> dict[str, int]:
+    """``{stage/key: pid}`` of the runs in progress (read under :func:`study_lock`)."""
+    return json.loads(claims.read_text()) if claims.exists() else {}
+
+
 def _claim(path: Path, claims: Path, run: StudyRun) -> bool:
     """Under the lock: ``False`` if ``run`` is stored meanwhile or claimed by another live
     process (e.g. a second process working through the same stage from the other end), else
@@ -588,7 +593,7 @@ def _claim(path: Path, claims: Path, run: StudyRun) -> bool:
     with study_lock(path):
         if run.key in load_study(path).get(run.stage, {}):
             return False
-        held = json.loads(claims.read_text()) if claims.exists() else {}
+        held = _read_claims(claims)
         pid = held.get(name)
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
             return False
@@ -599,7 +604,7 @@ def _claim(path: Path, claims: Path, run: StudyRun) -> bool:
 
 def _release(path: Path, claims: Path, run: StudyRun) -> None:
     with study_lock(path):
-        held = json.loads(claims.read_text()) if claims.exists() else {}
+        held = _read_claims(claims)
         if held.pop(f"{run.stage}/{run.key}", None) is not None:
             claims.write_text(json.dumps(held))
 
@@ -726,16 +731,16 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
             declared.index(kv[0]) if kv[0] in declared else len(declared), kv[0])))
         primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)
         base = variants.get("baseline", {})
-        claims = stage != "sweep"  # the sweep only ranks: no verdict column
+        judged = stage != "sweep"  # the sweep only ranks: no verdict column
         lines += [f"### {stage}: {dataset}", "",
                   "Variant minus baseline on the same seeds, in % of the baseline mean: mean "
                   "[95% paired-t interval]; p = paired t-test (Holm-adjusted over the "
                   f"{len(primary)} primary metrics). Negative = better."
                   + (" Verdict: the declared decision rule (`verdict()` in "
-                     "`benchmarks/quality.py`)." if claims else ""), "",
+                     "`benchmarks/quality.py`)." if judged else ""), "",
                   "| variant | paired seeds | " + " | ".join(
-                      f"{m} | p {m}" for m in primary) + (" | verdict |" if claims else " |"),
-                  "|---|---|" + "---|---|" * len(primary) + ("---|" if claims else "")]
+                      f"{m} | p {m}" for m in primary) + (" | verdict |" if judged else " |"),
+                  "|---|---|" + "---|---|" * len(primary) + ("---|" if judged else "")]
         for variant, by_seed in variants.items():
             if variant == "baseline":
                 continue
@@ -755,7 +760,7 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
                     continue
                 cells.append(_fmt_ci(c, relative=True))
                 cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
-            if claims:
+            if judged:
                 cells.append(verdict(comps, adjusted))
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
         lines += ["", "Means over seeds (all metrics lower is better except grad_ratio, the "
