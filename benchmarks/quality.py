@@ -327,7 +327,9 @@ class Stage:
     """One stage of the paired study: budget, seeds, datasets and (declared) variants.
 
     ``variants=None``: the variants are chosen from the sweep's table and must be given with
-    ``--variants`` (the ``baseline`` is always added).
+    ``--variants`` (the ``baseline`` is always added). ``model``: ``"continuous"`` (variants of
+    :func:`study_variants`) or ``"discrete"`` (:func:`discrete_study_variants`; of ``preset``
+    only ``steps``, ``batch_size``, ``lr``, ``samples`` and ``sample_steps`` apply).
     """
 
     name: str
@@ -336,6 +338,7 @@ class Stage:
     datasets: tuple[str, ...]
     variants: tuple[str, ...] | None
     note: str = ""
+    model: str = "continuous"
 
 
 _SWEEP = Preset(steps=400, batch_size=16, base_channels=16, lr=1e-3, samples=128,
@@ -390,6 +393,22 @@ def study_variants() -> dict[str, Any]:
     }
 
 
+def discrete_study_variants() -> dict[str, dict[str, Any] | None]:
+    """``{variant: DiscreteConfig overrides | None}`` of the discrete stage, declared before it
+    ran: the discrete reference model's own context configuration (``CategoricalHead`` over the
+    codebook, Q = 8 Gumbel-softmax samples, token strides (1, 2, 3), Sinkhorn, lambda 0.1, 8
+    query points per image, hooked on the final token features), unchanged from the model's
+    defaults, against the same model without it."""
+    return {"baseline": None, "tok-l0.1": {"context": True, "context_weight": 0.1}}
+
+
+#: the discrete stage's budget: the discrete model's "small" quality preset (600 steps of batch
+#: 64, transformer dim 64 x depth 2, 256 samples with 50 reverse steps); ~3-5 min per run on one
+#: CPU core
+_DISCRETE = dataclasses.replace(_DEMO, steps=600, batch_size=64, samples=256, sample_steps=50,
+                                seeds=tuple(range(5)), ablation_seeds=tuple(range(5)))
+
+
 STAGES: dict[str, Stage] = {
     "sweep": Stage("sweep", _SWEEP, (0, 1, 2), ("textures", "digits"),
                    ("baseline", "px-l0.1", "px-l0.3", "px-l1", "px-l3", "px-l0.3-finest",
@@ -412,6 +431,12 @@ STAGES: dict[str, Stage] = {
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,
                     "3x the demo's steps, 5 paired seeds"),
+    # Declared 2026-11-30 before any of its runs: the issue's "discrete model through the same
+    # paired protocol (>= 5 paired seeds)"; one variant (the model's default context), judged by
+    # the same rule and primary metrics as the continuous confirm stage.
+    "discrete": Stage("discrete", _DISCRETE, tuple(range(5)), ("digits", "textures"),
+                      ("tok-l0.1",), "the discrete (token) reference model with its default "
+                      "token context vs without, 5 paired seeds, 600 steps", model="discrete"),
 }
 
 
@@ -499,6 +524,8 @@ def _train_and_evaluate(config: Any, preset: Preset, dataset: str, progress: boo
 def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
     """The runs of ``stage`` in execution order: per dataset, variant-major (all seeds of a
     variant before the next variant), the baseline first."""
+    if stage.model == "discrete":
+        return _discrete_study_runs(stage, args)
     catalog = study_variants()
     chosen = args.variants if args.variants else stage.variants
     if chosen is None:
@@ -533,6 +560,46 @@ def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
                         preset: Preset = preset) -> dict[str, Any]:
                     return _train_and_evaluate(config, preset, dataset,
                                                not args.no_progress, data)
+
+                runs.append(StudyRun(stage.name, dataset, variant, seed, spec, run))
+    return runs
+
+
+def _discrete_study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
+    """:func:`study_runs` of a discrete-model stage (see :func:`discrete_study_variants`)."""
+    from reference_models.discrete.evaluate import QUALITY_PRESETS, train_and_score
+    from reference_models.discrete.training import DiscreteConfig
+
+    if getattr(args, "loaded_data", None) is not None:
+        raise SystemExit(f"--stage {stage.name} runs the discrete model on the bundled datasets; "
+                         "--data works with the continuous stages only")
+    catalog = discrete_study_variants()
+    chosen = args.variants if args.variants else stage.variants or ()
+    unknown = [v for v in chosen if v not in catalog]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown} for --stage {stage.name}; known: "
+                         f"{', '.join(catalog)}")
+    variants = ["baseline"] + [v for v in chosen if v != "baseline"]
+    seeds = tuple(args.seeds) if args.seeds else stage.seeds
+    preset = stage.preset
+    steps = args.steps if args.steps is not None else preset.steps
+    sizes = {k: QUALITY_PRESETS["small"][k] for k in ("dim", "depth")}
+    tokenizers: dict[str, Any] = {}
+    runs = []
+    for dataset in args.datasets or stage.datasets:
+        for variant in variants:
+            for seed in seeds:
+                config = DiscreteConfig(dataset=dataset, seed=seed, train_steps=steps,
+                                        batch_size=preset.batch_size, lr=preset.lr,
+                                        checkpoint_every=10**9, **sizes,
+                                        **(catalog[variant] or {}))
+                spec = {"model": "discrete", "train": _compact(config),
+                        "eval": {"samples": preset.samples, "sample_steps": preset.sample_steps}}
+
+                def run(config: Any = config) -> dict[str, Any]:
+                    return train_and_score(config, preset.samples, preset.sample_steps,
+                                           sys.modules[__name__], device=args.device,
+                                           progress=not args.no_progress, tokenizers=tokenizers)
 
                 runs.append(StudyRun(stage.name, dataset, variant, seed, spec, run))
     return runs
@@ -818,7 +885,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="With vs without context prediction, several seeds, mean +- std.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", choices=sorted(SECTIONS), default="continuous")
+    p.add_argument("--model", choices=sorted(SECTIONS), default=None,
+                   help="default: continuous (a --stage runs the model it declares)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--datasets", nargs="+", default=None, help="default: the preset's")
     p.add_argument("--variants", nargs="+", default=None, help="default: all of the section")
@@ -849,6 +917,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _study_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     stage = STAGES[args.stage]
+    if args.model not in (None, stage.model):
+        raise SystemExit(f"--stage {stage.name} runs the {stage.model} model, not --model "
+                         f"{args.model}")
     runs = study_runs(stage, args)
     shown = [a for a in (sys.argv[1:] if argv is None else argv)
              if a not in ("--table-only", "--no-progress")]
@@ -887,13 +958,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.image_size < 4 or args.image_size % 4:
             raise SystemExit(f"--image-size must be a multiple of 4 (the UNet halves the grid "
                              f"twice), got {args.image_size}")
-        if args.model != "continuous":
+        if args.model not in (None, "continuous"):
             raise SystemExit("--data works with --model continuous only")
         args.loaded_data = load_image_data(args.data, args.image_size)
         args.datasets = [args.data.stem or "data"]
         print(f"--data {args.data}: {args.loaded_data.describe()}")
     if args.stage is not None:
         return _study_main(args, argv)
+    args.model = args.model or "continuous"
     preset = PRESETS[args.preset]
     if args.seeds:  # e.g. --model discrete --seeds 0 1 2 3 4: the paired protocol on 5 seeds
         preset = dataclasses.replace(preset, seeds=tuple(args.seeds),

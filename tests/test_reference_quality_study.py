@@ -379,3 +379,62 @@ def test_verdict_applies_the_declared_rule() -> None:
     recs["t/v/1"]["metrics"]["neighbor"] += 0.02
     assert "| helps |" in quality.study_table("confirm", recs)
     assert "verdict" not in quality.study_table("sweep", recs)
+
+
+# -- the discrete model's stage --------------------------------------------------------------------
+def test_discrete_stage_is_declared_and_fingerprinted() -> None:
+    stage = quality.STAGES["discrete"]
+    runs = quality.study_runs(stage, _args())
+    assert len(runs) == 2 * 2 * 5  # digits and textures x (baseline, tok-l0.1) x 5 paired seeds
+    assert {r.seed for r in runs} == set(range(5)) and stage.model == "discrete"
+    by_key = {r.key: r for r in runs}
+    base, ctx = by_key["digits/baseline/3"].spec, by_key["digits/tok-l0.1/3"].spec
+    assert base["model"] == ctx["model"] == "discrete"
+    assert base["eval"] == ctx["eval"] == {"samples": 256, "sample_steps": 50}
+    # the arms differ in the context switch only (and lambda, which is the model's default)
+    assert {k: v for k, v in ctx["train"].items() if k != "context"} == base["train"]
+    assert ctx["train"]["context"] is True and "context" not in base["train"]
+    assert base["train"]["train_steps"] == 600 and base["train"]["seed"] == 3
+    with pytest.raises(SystemExit, match="unknown variants"):
+        quality.study_runs(stage, _args(variants=["px-l0.3"]))
+    with pytest.raises(SystemExit, match="runs the discrete model"):
+        quality.main(["--stage", "discrete", "--model", "continuous", "--table-only"])
+
+
+def test_discrete_arms_of_a_seed_share_init_data_order_and_noise() -> None:
+    """With lr = 0 the weights stay at their init: equal weights and equal per-step diffusion
+    losses in both arms mean the same init, the same batches and the same diffusion noise."""
+    from reference_models.discrete.training import DiscreteConfig, train
+
+    tiny = dict(dataset="digits", train_steps=4, batch_size=8, dim=16, depth=1, heads=2,
+                lr=0.0, warmup=1, checkpoint_every=10**9, seed=5)
+    base = train(DiscreteConfig(**tiny), progress=False)
+    ctx = train(DiscreteConfig(**tiny, context=True), progress=False)
+    other = train(DiscreteConfig(**{**tiny, "seed": 6}), progress=False)
+    for (name, a), b in zip(base.model.state_dict().items(), ctx.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in base.history] == [h["loss"] for h in ctx.history]
+    assert [h["loss"] for h in base.history] != [h["loss"] for h in other.history]
+    assert all(h["context"] > 0 for h in ctx.history)
+
+
+def test_discrete_stage_runs_end_to_end_on_a_tiny_preset(tmp_path, monkeypatch) -> None:
+    from reference_models.discrete import evaluate
+
+    tiny = dataclasses.replace(quality.PRESETS["smoke"], steps=2, batch_size=4, samples=4,
+                               sample_steps=2)
+    monkeypatch.setitem(quality.STAGES, "tinyd", quality.Stage(
+        "tinyd", tiny, (0, 1), ("digits",), ("tok-l0.1",), "test", model="discrete"))
+    monkeypatch.setitem(evaluate.QUALITY_PRESETS, "small",
+                        {**evaluate.QUALITY_PRESETS["small"], "dim": 16, "depth": 1})
+    out = tmp_path / "q.json"
+    assert quality.main(["--stage", "tinyd", "--study-file", str(out), "--no-progress"]) == 0
+    stored = json.loads(out.read_text())["tinyd"]
+    assert sorted(stored) == ["digits/baseline/0", "digits/baseline/1",
+                              "digits/tok-l0.1/0", "digits/tok-l0.1/1"]
+    assert stored["digits/tok-l0.1/1"]["spec"]["train"]["dim"] == 16
+    assert set(stored["digits/tok-l0.1/0"]["metrics"]) >= {"swd", "neighbor", "fd_digits",
+                                                           "context_loss", "point_loss"}
+    assert "context_loss" not in stored["digits/baseline/0"]["metrics"]
+    md = out.with_suffix(".md").read_text()
+    assert "| tok-l0.1 | 2 |" in md and "verdict" in md

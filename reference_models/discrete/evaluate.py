@@ -51,6 +51,7 @@ __all__ = [
     "main",
     "quality_section",
     "run_quality",
+    "train_and_score",
     "write_section",
 ]
 
@@ -176,7 +177,6 @@ def quality_section(preset: Any, args: Any, benchmark: Any) -> list[Any]:
     never imports ``benchmarks``.
     """
     presets, run_spec = benchmark.PRESETS, benchmark.RunSpec
-    real_images, sample_metrics = benchmark.real_images, benchmark.sample_metrics
 
     # the preset's name: from the command line, else by value (``benchmarks/quality.py`` run as a
     # script defines its own ``Preset`` class, so compare field values, not instances)
@@ -197,25 +197,44 @@ def quality_section(preset: Any, args: Any, benchmark: Any) -> list[Any]:
                     **sizes,
                 )
 
-                def run(config: DiscreteConfig = config, dataset: str = dataset) -> dict[str, Any]:
-                    if dataset not in tokenizers:
-                        tokenizers[dataset] = build_tokenizer(config)
-                    t0 = time.perf_counter()
-                    result = train(config, tokenizer=tokenizers[dataset],
-                                   progress=not args.no_progress, device=args.device)
-                    seconds = time.perf_counter() - t0
-                    fake = generate(result, samples, num_steps=sample_steps,
-                                    seed=1000 + config.seed)
-                    real = real_images(dataset, "test", max(256, samples))
-                    tail = result.history[-50:]
-                    return {
-                        **sample_metrics(_to_metric_space(fake, dataset), real, dataset),
-                        "point_loss": statistics.fmean(h["loss"] for h in tail),
-                        "s_per_step": seconds / config.train_steps,
-                    }
+                def run(config: DiscreteConfig = config) -> dict[str, Any]:
+                    return train_and_score(config, samples, sample_steps, benchmark,
+                                           device=args.device, progress=not args.no_progress,
+                                           tokenizers=tokenizers)
 
                 specs.append(run_spec(dataset, variant, seed, run))
     return specs
+
+
+def train_and_score(config: DiscreteConfig, samples: int, sample_steps: int, benchmark: Any, *,
+                    device: str = "cpu", progress: bool = False,
+                    tokenizers: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train one discrete run, sample it and score it with ``benchmark.sample_metrics``.
+
+    The quality benchmark's unit of work (its ``discrete`` section and its ``--stage discrete``):
+    ``samples`` token grids with ``sample_steps`` reverse steps (noise seed ``1000 + seed``),
+    decoded and scored against the held-out split (``benchmark.real_images``). ``tokenizers``
+    caches the tokenizer per dataset across runs (it depends on the data only, so every run of a
+    dataset shares it). Returns the metrics plus ``point_loss`` (mean training loss of the last
+    50 steps), ``s_per_step`` and, with context, ``context_loss`` (same window).
+    """
+    cache = {} if tokenizers is None else tokenizers
+    if config.dataset not in cache:
+        cache[config.dataset] = build_tokenizer(config)
+    t0 = time.perf_counter()
+    result = train(config, tokenizer=cache[config.dataset], progress=progress, device=device)
+    seconds = time.perf_counter() - t0
+    fake = generate(result, samples, num_steps=sample_steps, seed=1000 + config.seed)
+    real = benchmark.real_images(config.dataset, "test", max(256, samples))
+    tail = result.history[-50:]
+    out = {
+        **benchmark.sample_metrics(_to_metric_space(fake, config.dataset), real, config.dataset),
+        "point_loss": statistics.fmean(h["loss"] for h in tail),
+        "s_per_step": seconds / config.train_steps,
+    }
+    if config.context:
+        out["context_loss"] = statistics.fmean(h["context"] for h in tail)
+    return out
 
 
 def _mean_std(values: list[float]) -> str:
