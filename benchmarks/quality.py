@@ -440,14 +440,25 @@ STAGES: dict[str, Stage] = {
 }
 
 
+#: ``{class name: {field: value}}``: the defaults the study's fingerprints were taken against
+#: where a class default changed after runs were stored (ContextConfig's moved to the confirmed
+#: recipe on 2026-11-30), so that stored runs keep matching their configuration.
+FINGERPRINT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ContextConfig": {"weight": 0.1, "points": 64, "timestep_weighting": "none"},
+}
+
+
 def _compact(obj: Any) -> Any:
     """A dataclass as a dict of only its non-default fields (recursively): adding a field with
-    a default later does not change the fingerprint of runs made before."""
+    a default later does not change the fingerprint of runs made before. "Default" is the
+    value in :data:`FINGERPRINT_DEFAULTS` where the class lists one there, else the field's."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
+        frozen = FINGERPRINT_DEFAULTS.get(type(obj).__name__, {})
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            default = (f.default if f.default is not dataclasses.MISSING
+            default = (frozen[f.name] if f.name in frozen
+                       else f.default if f.default is not dataclasses.MISSING
                        else f.default_factory() if f.default_factory is not dataclasses.MISSING
                        else dataclasses.MISSING)
             if value != default:

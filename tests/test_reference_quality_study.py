@@ -188,8 +188,31 @@ def test_study_runs_are_declared_and_fingerprinted() -> None:
 
 
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
-    cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5))
+    frozen = quality.FINGERPRINT_DEFAULTS["ContextConfig"]
+    cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5, points=frozen["points"],
+                                                    timestep_weighting="none"))
     assert quality._compact(cfg) == {"seed": 2, "context": {"weight": 0.5}}
+
+
+def test_every_stored_run_matches_the_current_code() -> None:
+    """The committed study stays resumable: each stored run's fingerprint equals the spec the
+    current code declares for it (a changed class default or variant would orphan or, worse,
+    silently re-pair stored runs)."""
+    study = quality.load_study(quality.STUDY_FILE)
+    assert study, "docs/results/quality_study.json is missing"
+    checked = 0
+    for name, records in study.items():
+        if name.startswith("_") or name not in quality.STAGES:
+            continue
+        keys = [k.rsplit("/", 2) for k in records]
+        args = _args(datasets=sorted({d for d, _, _ in keys}),
+                     variants=sorted({v for _, v, _ in keys} - {"baseline"}) or None,
+                     seeds=sorted({int(s) for _, _, s in keys}))
+        runs = [r for r in quality.study_runs(quality.STAGES[name], args) if r.key in records]
+        assert len(runs) == len(records), name
+        assert quality.pending_runs(runs, records) == []
+        checked += len(runs)
+    assert checked >= 100
 
 
 def _fake_runs(calls: list[str], fail_at: str | None = None) -> list[quality.StudyRun]:
