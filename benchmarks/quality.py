@@ -427,6 +427,13 @@ STAGES: dict[str, Stage] = {
     "replicate": Stage("replicate", _DEMO, tuple(range(10, 30)), ("textures",), ("px-l0.3-q16",),
                        "px-l0.3-q16 on 20 fresh seeds (10-29), textures, demo budget; judged "
                        "alone"),
+    # Declared 2026-11-30 after px-l0.3-tcut's textures confirm runs (patch SWD -29.9%
+    # [-42.9, -16.8], Holm p = 0.0012: "helps") and before any run of this stage: the same
+    # comparison on 10 fresh seeds (30-39; 10-29 stay reserved for "replicate"), judged alone by
+    # the same rule, never pooled with confirm.
+    "replicate-tcut": Stage("replicate-tcut", _DEMO, tuple(range(30, 40)), ("textures",),
+                            ("px-l0.3-tcut",), "px-l0.3-tcut on 10 fresh seeds (30-39), "
+                            "textures, demo budget; judged alone"),
     # digits, not textures: at 3x the demo's steps a textures run takes 10-17 min on one CPU
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,

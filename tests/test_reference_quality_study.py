@@ -185,6 +185,11 @@ def test_study_runs_are_declared_and_fingerprinted() -> None:
     assert {r.seed for r in replicate}.isdisjoint(r.seed for r in confirm)
     assert {r.variant for r in replicate} == {"baseline", "px-l0.3-q16"}
     assert replicate[0].spec["eval"] == confirm[0].spec["eval"]
+    again = quality.study_runs(quality.STAGES["replicate-tcut"], _args())
+    assert {r.seed for r in again} == set(range(30, 40))
+    assert {r.seed for r in again}.isdisjoint({r.seed for r in confirm + replicate})
+    assert {r.variant for r in again} == {"baseline", "px-l0.3-tcut"}
+    assert again[0].spec["eval"] == confirm[0].spec["eval"]
 
 
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
