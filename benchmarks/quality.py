@@ -360,8 +360,12 @@ def study_variants() -> dict[str, Any]:
     """
     from reference_models.continuous import ContextConfig
 
-    ref = ContextConfig(weight=0.3, strides=(1, 2, 3), head="gaussian", estimator="sinkhorn",
-                        num_samples=8, hidden_channels=64, points=32)
+    # every field explicit: the variants must not follow later changes of ContextConfig's
+    # defaults (which moved to px-l0.3-tcut after the confirm stage)
+    ref = ContextConfig(layers=None, weight=0.3, strides=(1, 2, 3), head="gaussian",
+                        estimator="sinkhorn", num_samples=8, latent_dim=16, hidden_channels=64,
+                        points=32, match_mask=False, target="pixels", timestep_weighting="none",
+                        t_cutoff=0.5)
     r = dataclasses.replace
     return {
         "baseline": None,
