@@ -73,7 +73,8 @@ Setting = tuple[int, str, bool] | None  # (points, estimator, match_mask); None 
 
 def reference_variants() -> dict[str, Any]:
     """``{name: ContextConfig | None}`` timed with ``--model reference``: the trainer's default
-    (the recommended configuration), the quality study's confirm variant and cheaper options."""
+    (the recommended configuration: the quality study's confirmed ``px-l0.3-tcut``), cheaper
+    options, and the former default."""
     from reference_models.continuous import ContextConfig
 
     r = dataclasses.replace
@@ -81,12 +82,11 @@ def reference_variants() -> dict[str, Any]:
     return {
         "baseline": None,
         "default": default,
-        "points_32": r(default, points=32),
         "points_16": r(default, points=16),
         "exact_matched": r(default, estimator="exact", match_mask=True),
-        "exact_matched_points_32": r(default, estimator="exact", match_mask=True, points=32),
         "exact_matched_points_16": r(default, estimator="exact", match_mask=True, points=16),
-        "study_q16_points_32": r(default, weight=0.3, num_samples=16, points=32),
+        "study_q16": r(default, num_samples=16, timestep_weighting="none"),
+        "former_default": r(default, weight=0.1, points=64, timestep_weighting="none"),
     }
 
 

@@ -431,13 +431,16 @@ STAGES: dict[str, Stage] = {
     "replicate": Stage("replicate", _DEMO, tuple(range(10, 30)), ("textures",), ("px-l0.3-q16",),
                        "px-l0.3-q16 on 20 fresh seeds (10-29), textures, demo budget; judged "
                        "alone"),
-    # Declared 2026-11-30 after px-l0.3-tcut's textures confirm runs (patch SWD -29.9%
-    # [-42.9, -16.8], Holm p = 0.0012: "helps") and before any run of this stage: the same
-    # comparison on 10 fresh seeds (30-39; 10-29 stay reserved for "replicate"), judged alone by
-    # the same rule, never pooled with confirm.
-    "replicate-tcut": Stage("replicate-tcut", _DEMO, tuple(range(30, 40)), ("textures",),
-                            ("px-l0.3-tcut",), "px-l0.3-tcut on 10 fresh seeds (30-39), "
-                            "textures, demo budget; judged alone"),
+    # Declared 2026-11-30 after the confirm stage of px-l0.3-tcut and px-l0.3-snr (both "help"
+    # on textures: patch SWD -29.9% [-42.9, -16.8] and -29.5% [-40.0, -19.0]; no effect shown
+    # on digits) and before any run of this stage: the same comparisons on 10 fresh seeds
+    # (30-39; 10-29 stay reserved for "replicate"), textures, judged alone by the same rule,
+    # never pooled with confirm. snr first: the better-ranked of the two over both datasets
+    # (the confirm stage's choice rule), now the trainer's default.
+    "replicate-weighted": Stage("replicate-weighted", _DEMO, tuple(range(30, 40)),
+                                ("textures",), ("px-l0.3-snr", "px-l0.3-tcut"),
+                                "the timestep-weighted variants on 10 fresh seeds (30-39), "
+                                "textures, demo budget; judged alone"),
     # digits, not textures: at 3x the demo's steps a textures run takes 10-17 min on one CPU
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,

@@ -68,9 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="side of the square crops (divisible by 4, at most 128 for textures)")
     p.add_argument("--base-channels", type=int, default=16, help="UNet width")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--context-weight", type=float, default=0.1, help="lambda")
-    p.add_argument("--context-points", type=int, default=32,
+    recipe = ContextConfig()  # the confirmed configuration (see ContextConfig)
+    p.add_argument("--context-weight", type=float, default=recipe.weight, help="lambda")
+    p.add_argument("--context-points", type=int, default=recipe.points,
                    help="query points per image and step for the context loss")
+    p.add_argument("--timestep-weighting", choices=["none", "snr", "cutoff"],
+                   default=recipe.timestep_weighting,
+                   help="per-sample weight of the context loss by timestep (snr: "
+                   "SNR / (1 + SNR), normalized to mean 1; cutoff: only the low-noise "
+                   "t < t_cutoff * T)")
+    p.add_argument("--t-cutoff", type=float, default=recipe.t_cutoff,
+                   help="--timestep-weighting cutoff: fraction of the timesteps kept")
     p.add_argument("--strides", type=int, nargs="+", default=[1, 2, 3],
                    help="neighborhood strides of the context loss")
     p.add_argument("--estimator", default="sinkhorn", help="Wasserstein estimator name")
@@ -104,7 +112,8 @@ def _configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
         checkpoint_every=max(50, args.steps // 8), diagnostic_every=args.diagnostic_every,
     )
     context = ContextConfig(strides=tuple(args.strides), estimator=args.estimator,
-                            weight=args.context_weight, points=args.context_points)
+                            weight=args.context_weight, points=args.context_points,
+                            timestep_weighting=args.timestep_weighting, t_cutoff=args.t_cutoff)
     return {"baseline": base, "context": dataclasses.replace(base, context=context)}
 
 

@@ -25,9 +25,11 @@ def test_reference_variants_train_with_the_context_they_name() -> None:
     assert variants["baseline"] is None
     base = overhead.make_variant(args, None)
     assert base.trainer.predictor is None
-    exact = overhead.make_variant(args, variants["exact_matched_points_32"])
+    exact = overhead.make_variant(args, variants["exact_matched_points_16"])
     losses = exact.trainer.predictor.loss_modules
-    assert losses and all(loss.match_mask and loss.points == 32 for loss in losses.values())
+    assert losses and all(loss.match_mask and loss.points == 16 for loss in losses.values())
+    # the default is the trainer's (the recommended configuration)
+    assert variants["default"] == type(variants["default"])()
     exact.step()
     assert exact.trainer.step == 1
 

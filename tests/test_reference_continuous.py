@@ -179,3 +179,18 @@ def test_demo_trains_on_a_user_npy_and_reports_the_gradient_ratio(tmp_path, caps
     assert (out / "loss_curves.png").exists() and (out / "samples.png").exists()
     with pytest.raises(CtxpredError, match="no such file"):
         demo.main(["--data", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_demo_defaults_are_the_trainers_recipe() -> None:
+    """The demo trains the confirmed configuration: its context run's ContextConfig is the
+    trainer's default, and every demo flag of it reaches the config."""
+    from reference_models import demo
+
+    configs = demo._configs(demo.parse_args([]))
+    assert configs["baseline"].context is None
+    assert configs["context"].context == ContextConfig()
+    custom = demo._configs(demo.parse_args(
+        ["--timestep-weighting", "cutoff", "--t-cutoff", "0.25", "--context-weight", "1",
+         "--context-points", "8"]))["context"].context
+    assert (custom.timestep_weighting, custom.t_cutoff, custom.weight, custom.points) == (
+        "cutoff", 0.25, 1.0, 8)

@@ -53,6 +53,13 @@ _RESUMABLE = frozenset({"steps", "log_every", "checkpoint_every", "device", "dia
 class ContextConfig:
     """How context prediction is attached (see the module docstring).
 
+    The defaults are the configuration the quality study confirmed (``px-l0.3-snr`` in
+    ``benchmarks/quality.py``; ``docs/results/quality.md``): clean-pixel targets of the two
+    finest decoder blocks, strides (1, 2, 3), a Gaussian head with Q = 8, Sinkhorn,
+    ``lambda = 0.3``, 32 query points, and the context loss weighted towards low noise
+    (``timestep_weighting="snr"``). Until 2026-11-30 they were ``weight=0.1``, ``points=64``,
+    ``timestep_weighting="none"``.
+
     Attributes:
         layers: modules to hook (names in ``unet.named_modules()``: decoder blocks
             ``"up_blocks.j"`` or any submodule, see :func:`layer_channels`); ``None``: the two
@@ -87,14 +94,14 @@ class ContextConfig:
     strides: tuple[int, ...] = (1, 2, 3)
     head: Literal["gaussian", "naive"] = "gaussian"
     estimator: str = "sinkhorn"
-    weight: float = 0.1
-    points: int | float | None = 64
+    weight: float = 0.3
+    points: int | float | None = 32
     num_samples: int = 8
     latent_dim: int = 16
     hidden_channels: int | None = 64
     match_mask: bool = False
     target: Literal["pixels", "features"] = "pixels"
-    timestep_weighting: Literal["none", "snr", "cutoff"] = "none"
+    timestep_weighting: Literal["none", "snr", "cutoff"] = "snr"
     t_cutoff: float = 0.5
 
 
