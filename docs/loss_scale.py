@@ -28,11 +28,13 @@ def table(demo: Path, tail: int = 50) -> str:
     """The Markdown table of the loss scales of the demo's two runs."""
     runs = {}
     for name in ("baseline", "context"):
-        found = sorted((demo / "checkpoints").glob(f"{name}-*.pt"))
+        found = list((demo / "checkpoints").glob(f"{name}-*.pt"))
         if not found:
             raise SystemExit(f"no {name} checkpoint in {demo / 'checkpoints'}: run "
                              f"`python3 run.py demo --out {demo}` first")
-        runs[name] = torch.load(found[-1], map_location="cpu", weights_only=False)
+        # the latest run: another configuration's checkpoint may sit beside it (names are hashes)
+        latest = max(found, key=lambda path: path.stat().st_mtime)
+        runs[name] = torch.load(latest, map_location="cpu", weights_only=False)
     ctx = runs["context"]
     weight = float(ctx["config"]["context"]["weight"])
     steps = ctx["step"]
@@ -40,6 +42,9 @@ def table(demo: Path, tail: int = 50) -> str:
     point_ctx = _mean(ctx["history"], "point_loss", tail)
     weighted = _mean(ctx["history"], "context_loss", tail)
     layers = ctx["config"]["context"].get("layers") or "the last two decoder blocks"
+    weighting = ctx["config"]["context"].get("timestep_weighting", "none")
+    if weighting != "none":  # the logged loss carries the per-sample weights (mean 1 over t)
+        layers += f", timestep weighting {weighting!r}"
     lines = [
         f"| mean of the last {tail} of {steps} steps | value |",
         "|---|---|",

@@ -550,3 +550,29 @@ if __name__ == "__main__":
     for arg in sys.argv[1:]:
         update_outputs(Path(arg).resolve())
         print(f"updated the output blocks of {arg}")
+
+
+def test_loss_scale_table_reads_the_latest_demo_run(tmp_path: Path) -> None:
+    """``docs/loss_scale.py`` reads the most recent checkpoint of each run (an older
+    configuration's checkpoint may sit beside it) and names its timestep weighting."""
+    spec = importlib.util.spec_from_file_location("loss_scale", ROOT / "docs" / "loss_scale.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+
+    def save(name: str, tag: str, weight: float, loss: float, mtime: int,
+             weighting: str = "none") -> None:
+        history = [{"point_loss": 0.1, "context_loss": loss}] * 4
+        context = {"weight": weight, "timestep_weighting": weighting} if name != "baseline" \
+            else None
+        path = folder / f"{name}-{tag}.pt"
+        torch.save({"config": {"context": context}, "step": 4, "history": history}, path)
+        os.utime(path, (mtime, mtime))
+
+    save("baseline", "0000", 0.0, 0.0, 1000)
+    save("context", "aaaa", 0.3, 0.06, 2000, "snr")  # newer, but its name sorts first
+    save("context", "ffff", 0.1, 0.01, 1500)
+    text = module.table(tmp_path, tail=4)
+    assert "λ = 0.3" in text and "'snr'" in text and "| 0.0600 |" in text
