@@ -20,7 +20,7 @@ Writes to ``--out`` (default ``results/``, gitignored):
 * ``metrics.md`` / ``metrics.json`` — the metrics table (also printed at the end);
 * ``checkpoints/`` — resumable checkpoints (re-running the same command resumes or reuses them).
 
-With the defaults it took 512 s in total (183 s + 263 s of training) on a 2-core CPU shared with
+With the defaults it took 497 s in total (162 s + 277 s of training) on a 2-core CPU shared with
 other jobs, with one torch thread.
 
 Metrics (``reference_models.metrics``, lower is better): Laplacian-pyramid patch SWD of samples vs
