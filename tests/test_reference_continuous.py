@@ -194,3 +194,11 @@ def test_demo_defaults_are_the_trainers_recipe() -> None:
          "--context-points", "8"]))["context"].context
     assert (custom.timestep_weighting, custom.t_cutoff, custom.weight, custom.points) == (
         "cutoff", 0.25, 1.0, 8)
+
+
+@pytest.mark.parametrize("field, value", [("timestep_weighting", "SNR"), ("t_cutoff", 0.0),
+                                          ("t_cutoff", 1.5), ("head", "gauss"),
+                                          ("target", "pixel")])
+def test_context_config_rejects_a_typo_when_built(field: str, value: object) -> None:
+    with pytest.raises(CtxpredError, match=f"ContextConfig.{field} must"):
+        ContextConfig(**{field: value})

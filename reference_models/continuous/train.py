@@ -104,6 +104,16 @@ class ContextConfig:
     timestep_weighting: Literal["none", "snr", "cutoff"] = "snr"
     t_cutoff: float = 0.5
 
+    def __post_init__(self) -> None:
+        # a typo must fail here, not at the first training step (or, worse, silently)
+        for name, allowed in (("head", ("gaussian", "naive")), ("target", ("pixels", "features")),
+                              ("timestep_weighting", ("none", "snr", "cutoff"))):
+            if getattr(self, name) not in allowed:
+                raise ValueRangeError(f"ContextConfig.{name} must be one of {allowed}, got "
+                                      f"{getattr(self, name)!r}")
+        if not 0.0 < self.t_cutoff <= 1.0:
+            raise ValueRangeError(f"ContextConfig.t_cutoff must be in (0, 1], got {self.t_cutoff}")
+
 
 @dataclass
 class TrainConfig:
