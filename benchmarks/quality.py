@@ -546,12 +546,9 @@ def _train_and_evaluate(config: Any, preset: Preset, dataset: str, progress: boo
     return out
 
 
-def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
-    """The runs of ``stage`` in execution order: per dataset, variant-major (all seeds of a
-    variant before the next variant), the baseline first."""
-    if stage.model == "discrete":
-        return _discrete_study_runs(stage, args)
-    catalog = study_variants()
+def _stage_variants(stage: Stage, args: argparse.Namespace, catalog: dict[str, Any]) -> list[str]:
+    """The baseline, then ``--variants`` (or the stage's declared ones), each checked against
+    ``catalog``."""
     chosen = args.variants if args.variants else stage.variants
     if chosen is None:
         raise SystemExit(
@@ -559,8 +556,18 @@ def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
             f"{', '.join(catalog)}")
     unknown = [v for v in chosen if v not in catalog]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(catalog)}")
-    variants = ["baseline"] + [v for v in chosen if v != "baseline"]
+        raise SystemExit(f"unknown variants {unknown} for --stage {stage.name}; known: "
+                         f"{', '.join(catalog)}")
+    return ["baseline"] + [v for v in chosen if v != "baseline"]
+
+
+def study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRun]:
+    """The runs of ``stage`` in execution order: per dataset, variant-major (all seeds of a
+    variant before the next variant), the baseline first."""
+    if stage.model == "discrete":
+        return _discrete_study_runs(stage, args)
+    catalog = study_variants()
+    variants = _stage_variants(stage, args, catalog)
     seeds = tuple(args.seeds) if args.seeds else stage.seeds
     preset = stage.preset
     if args.steps is not None:
@@ -599,12 +606,7 @@ def _discrete_study_runs(stage: Stage, args: argparse.Namespace) -> list[StudyRu
         raise SystemExit(f"--stage {stage.name} runs the discrete model on the bundled datasets; "
                          "--data works with the continuous stages only")
     catalog = discrete_study_variants()
-    chosen = args.variants if args.variants else stage.variants or ()
-    unknown = [v for v in chosen if v not in catalog]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown} for --stage {stage.name}; known: "
-                         f"{', '.join(catalog)}")
-    variants = ["baseline"] + [v for v in chosen if v != "baseline"]
+    variants = _stage_variants(stage, args, catalog)
     seeds = tuple(args.seeds) if args.seeds else stage.seeds
     preset = stage.preset
     steps = args.steps if args.steps is not None else preset.steps
