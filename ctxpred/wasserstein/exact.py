@@ -76,7 +76,9 @@ __all__ = [
 Solver = Literal["auto", "assignment", "flow", "transport"]
 
 _BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
-_COMPACT_AT = 0.5  # CPU flow solver: drop finished problems once half of them are done
+_COMPACT_AT = 0.9  # CPU flow solver: drop finished problems once a tenth of them are done
+_TIE_ULPS = 4.0  # flow solver start: arcs within rounding of reduced cost 0 count as tight
+_ASCENT_SWEEPS = 2  # flow solver start: coordinate-ascent sweeps over the column duals
 
 
 @torch.no_grad()
@@ -339,27 +341,72 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     return torch.where(row_valid, result, -1)
 
 
-def _argmin0(values: Tensor, index_f: Tensor) -> tuple[Tensor, Tensor]:
-    """Minimum over dim 0 and the first index attaining it (as float); ``index_f`` holds
-    ``arange(K)`` shaped to broadcast. Faster on CPUs than ``min(dim=0)`` over a short axis."""
-    low = values.amin(0, keepdim=True)
-    key = torch.add(index_f, torch.sign(values - low), alpha=values.shape[0])
-    return low[0], key.amin(0)
+
+def _argmin_dim(values: Tensor, dim: int, index_f: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum over ``dim`` and the first index attaining it (as float); ``index_f`` holds
+    ``arange`` shaped to broadcast along ``dim``. Faster on CPUs than ``min(dim)`` over a short
+    axis."""
+    low = values.amin(dim, keepdim=True)
+    key = torch.add(index_f, torch.sign(values - low), alpha=values.shape[dim])
+    return low.squeeze(dim), key.amin(dim)
 
 
-def _select(tensors: tuple[Tensor, ...], index: Tensor) -> list[Tensor]:
-    """The problems ``index`` (last axis) of each tensor."""
-    return [t.index_select(t.dim() - 1, index) for t in tensors]
+def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, reduced: Tensor,
+             dist: tuple[Tensor, Tensor], level: tuple[Tensor, Tensor], sink: Tensor,
+             found: Tensor, early_exit: bool) -> None:
+    """Push the bottleneck amount along each problem's shortest path ``sink <- row <- column
+    <- ... <- source`` (in place): ``flow (n, m, W)``, ``excess (n, W)``, ``deficit (m, W)``;
+    ``source (n, W)`` bool; ``reduced (n, m, W)`` arc lengths; ``dist``/``level`` the rows' and
+    columns' distances and label levels; ``sink (W,)`` long; ``found (W,)`` bool.
 
-
-def _write_back(full: tuple[Tensor, ...], work: tuple[Tensor, ...], index: Tensor | None
-                ) -> tuple[Tensor, ...]:
-    """Store a compacted working set (problems ``index``, or all when ``None``) into ``full``."""
-    if index is None:
-        return work
-    for dst, src in zip(full, work):
-        dst.index_copy_(dst.dim() - 1, index, src)
-    return full
+    The path is recovered backwards: a column's predecessor is a row ``i`` with
+    ``d_i + reduced_ij == d_j`` (the same float sum the sweep took its minimum over) and a lower
+    level; a row's is a column with flow into it, ``d_j == d_i`` and a lower level.
+    """
+    n, m, width = flow.shape
+    device, dtype = flow.device, flow.dtype
+    d_row, d_col = dist
+    lvl_row, lvl_col = level
+    wi = torch.arange(width, device=device)
+    rows_f = torch.arange(n, device=device, dtype=dtype).unsqueeze(1)
+    cols_f = torch.arange(m, device=device, dtype=dtype).unsqueeze(1)
+    row_offsets = torch.arange(n, device=device).unsqueeze(1) * (m * width)  # (n, 1)
+    col_offsets = torch.arange(m, device=device).unsqueeze(1) * width + wi  # (m, W)
+    flat_f, flat_e, flat_r = flow.view(-1), excess.view(-1), reduced.view(-1)
+    flat_s = source.reshape(-1)
+    flat_dc, flat_lc = d_col.reshape(-1), lvl_col.reshape(-1)
+    flat_dr, flat_lr = d_row.reshape(-1), lvl_row.reshape(-1)
+    delta = torch.where(found, deficit.view(-1).take(sink * width + wi), 0.0)
+    col, going = sink, found
+    arrived = torch.zeros_like(found)
+    path = []
+    for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
+        at = col * width + wi
+        explains = (d_row + flat_r.take(row_offsets + at) == flat_dc.take(at)) & (
+            lvl_row < flat_lc.take(at))
+        row = torch.where(explains, rows_f, float(n)).amin(0).long().clamp_max_(n - 1)
+        at = row * width + wi
+        at_source = going & flat_s.take(at)
+        delta = torch.where(at_source, torch.minimum(delta, flat_e.take(at)), delta)
+        arrived = arrived | at_source
+        onward = going & ~at_source
+        flows = flat_f.take(row.unsqueeze(0) * (m * width) + col_offsets)  # (m, W)
+        explains = (flows > 0.5) & (d_col == flat_dr.take(at)) & (lvl_col < flat_lr.take(at))
+        back = torch.where(explains, cols_f, float(m)).amin(0).long().clamp_max_(m - 1)
+        delta = torch.where(
+            onward, torch.minimum(delta, flat_f.take((row * m + back) * width + wi)), delta)
+        path.append((row, col, back, going, at_source))
+        col = torch.where(onward, back, col)
+        going = onward
+        if early_exit and not bool(going.any()):
+            break
+    delta = torch.where(arrived, delta, 0.0)
+    deficit.view(-1).index_add_(0, sink * width + wi, -delta)
+    for row, col, back, on_path, at_source in path:
+        flat_f.index_add_(0, (row * m + col) * width + wi, torch.where(on_path, delta, 0.0))
+        flat_e.index_add_(0, row * width + wi, -torch.where(at_source, delta, 0.0))
+        flat_f.index_add_(0, (row * m + back) * width + wi,
+                          -torch.where(on_path & ~at_source, delta, 0.0))
 
 
 def flow_augmentation_bound(n: int, m: int) -> int:
@@ -386,13 +433,26 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     sizes, so ``Q`` predicted samples against the ``m <= K`` valid neighbors of a border point.
     Scaled by :math:`n_a n_b / g` (:math:`g = \gcd(n_a, n_b)`) this is an integer min-cost flow
     (row supplies :math:`n_b/g`, column demands :math:`n_a/g`), solved exactly by successive
-    shortest paths: a Jonker-Volgenant start (column and row reductions, greedy flow on tight
-    arcs), then per round one multi-source Dijkstra over the ``n + m`` nodes of every problem
-    (reduced costs, duals updated after it) and one augmentation by the path's bottleneck. All
-    problems run together; finished ones are masked. On an accelerator (and under
+    shortest paths with capacities:
+
+    1. start: column duals :math:`v` from two sweeps of exact coordinate ascent on the
+       semi-dual :math:`F(v) = \sum_j v_j/n_b + \sum_i \min_l (C_{il} - v_l)/n_a` (the
+       maximizer in :math:`v_j` is the :math:`\lceil n_a/n_b \rceil`-th smallest of
+       :math:`C_{ij} - \min_{l \ne j}(C_{il} - v_l)`), row duals
+       :math:`u_i = \min_j C_{ij} - v_j`, greedy flow on the tight arcs;
+    2. rounds: multi-source shortest paths from the rows with supply left, on reduced costs
+       :math:`C_{ij} - u_i - v_j \ge 0` (row -> column arcs, and column -> row arcs of
+       length 0 where flow runs), by Bellman-Ford sweeps over every node of every problem at
+       once; duals move by the distances (dual feasibility is kept) and the bottleneck of the
+       path to the nearest column with demand left is pushed. The path is read back from the
+       distances and the sweep at which each node last improved (levels fall along it, so
+       zero-length cycles cannot trap it).
+
+    All problems run together; finished ones are masked. On an accelerator (and under
     ``torch.compile``) the schedule is fixed -- :func:`flow_augmentation_bound` rounds of
-    ``n + m`` Dijkstra steps -- with no host sync; on a CPU, where the check is free, rounds and
-    steps stop when no problem needs them and finished problems are dropped from the work.
+    ``min(n, m) + 2`` sweeps -- with no host sync; on a CPU, where the check is free, sweeps stop
+    when nothing changes, rounds when no problem has supply left, and finished problems leave
+    the work.
 
     Args:
         cost: ``(B, n, m)`` finite costs, far below ``1e30`` in magnitude.
@@ -424,165 +484,110 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     gcd = torch.gcd(n_a, n_b).clamp_min(1)
     total = (n_a * (n_b // gcd)).to(dtype).clamp_min(1.0)
     # Problems run along the last axis: (row, column, problem) layout, as in `assignment`.
-    cost_t = cost.permute(1, 2, 0).contiguous()
+    # Arcs touching a masked row or column cost `big`: never tight, never on a shortest path.
     row_f = row_valid.t().to(dtype).contiguous()
     col_f = col_valid.t().to(dtype).contiguous()
+    masked_arc = ((1.0 - row_f).unsqueeze(1) + (1.0 - col_f).unsqueeze(0)).clamp_max_(1.0)
+    cst = torch.addcmul(cost.permute(1, 2, 0), masked_arc, cost.new_tensor(big)).contiguous()
     excess = row_f * (n_b // gcd).to(dtype)  # supply left per row
     deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
-    col_big = (1.0 - col_f) * big
     flow = cost.new_zeros(n, m, bsz)
-    nodes_f = torch.arange(m + n, device=device, dtype=dtype).unsqueeze(1)  # columns, then rows
-    rows_f, cols_f = nodes_f[:n], nodes_f[:m]
-    rows_l, cols_l = rows_f.long(), cols_f.long()
-    every = torch.arange(bsz, device=device)
-    flat_flow, flat_excess, flat_deficit = flow.view(-1), excess.view(-1), deficit.view(-1)
-    big_t = cost.new_tensor(big)
+    cols_f = torch.arange(m, device=device, dtype=dtype).unsqueeze(1)
 
-    # Start: v_j = min_i C_ij, greedy flow on those tight arcs; u_i = min_j C_ij - v_j, greedy.
-    v, best_row = _argmin0(cost_t + ((1.0 - row_f) * big).unsqueeze(1), rows_f.view(n, 1, 1))
-    v = v * col_f
-    for j in range(m):
-        i = best_row[j].long()
-        amount = torch.minimum(flat_excess.take(i * bsz + every), deficit[j]) * col_f[j]
-        flat_flow.index_add_(0, (i * m + j) * bsz + every, amount)
-        flat_excess.index_add_(0, i * bsz + every, -amount)
-        deficit[j] -= amount
-    reduced = (cost_t - v.unsqueeze(0) + col_big.unsqueeze(0)).transpose(0, 1)
-    u, best_col = _argmin0(reduced, cols_f.view(m, 1, 1))
-    u = u * row_f
-    for i in range(n):
-        j = best_col[i].long()
-        amount = torch.minimum(excess[i], flat_deficit.take(j * bsz + every)) * row_f[i]
-        flat_flow.index_add_(0, (i * m + j) * bsz + every, amount)
-        flat_deficit.index_add_(0, j * bsz + every, -amount)
-        excess[i] -= amount
+    # Start: column duals v from _ASCENT_SWEEPS sweeps of exact coordinate ascent on the
+    # semi-dual F(v) = sum_j v_j / n_b + sum_i min_l (C_il - v_l) / n_a (concave): with the other
+    # columns fixed, F is maximized in v_j at the k-th smallest (k = ceil(n_a / n_b)) of
+    # C_ij - min_{l != j} (C_il - v_l) over the rows. Then u_i = min_j C_ij - v_j (dual
+    # feasible) and greedy flow on the tight arcs (reduced cost 0 up to rounding): first of the
+    # rows with a single one, then of all, rows in order.
+    v = torch.where(col_f > 0.5, cst.amin(0), 0.0)
+    kth = (torch.div(n_a + n_b - 1, n_b.clamp_min(1), rounding_mode="floor") - 1).clamp(0, n - 1)
+    shifted = cst - v.unsqueeze(0)  # C_il - v_l
+    for _ in range(_ASCENT_SWEEPS):
+        for j in range(m):
+            shifted[:, j] = big
+            gap = cst[:, j] - shifted.amin(1)  # (n, B)
+            best = gap.sort(0).values.gather(0, kth.unsqueeze(0)).squeeze(0)
+            v[j] = torch.where(col_f[j] > 0.5, best, 0.0)
+            shifted[:, j] = cst[:, j] - v[j]
+    u = torch.where(row_f > 0.5, shifted.amin(1), 0.0)
+    u_col, v_row = u.unsqueeze(1), v.unsqueeze(0)
+    tol = (cst.abs() + u_col.abs() + v_row.abs()) * (_TIE_ULPS * torch.finfo(dtype).eps)
+    tight = (cst - u_col - v_row <= tol).to(dtype)
+    only = tight * (tight.sum(1, keepdim=True) == 1).to(dtype)  # rows with one tight arc
+    for arcs in (only, tight):  # those rows first: a row with ties can still split later
+        for i in range(n):
+            for j in range(m):
+                amount = torch.minimum(excess[i], deficit[j]).mul_(arcs[i, j])
+                flow[i, j] += amount
+                excess[i] -= amount
+                deficit[j] -= amount
 
+    # Rounds of successive shortest paths. Working set (CPU): the problems still moving flow;
+    # a finished problem's flow is stored and it leaves the work (its duals are not needed).
     rounds = None if early_exit else flow_augmentation_bound(n, m)
-    full_state = (cost_t, flow, u, v, excess, deficit, col_big)
-    cst, flw, u_w, v_w, exc, dfc, cbig = full_state
-    pid = None  # CPU: the problems still moving flow (compacted when half have finished)
-    width = bsz
+    # Bellman-Ford sweeps: a simple path visits at most min(n, m) columns, so min(n, m) + 1
+    # sweeps settle every distance; one more leaves the last sweep without change.
+    steps = min(n, m) + 2
+    work = [cst, flow, u, v, excess, deficit]
+    pid: Tensor | None = None  # problems of the working set (None: all, in order)
     done_rounds = 0
     while rounds is None or done_rounds < rounds:
         done_rounds += 1
-        src = (exc > 0.5).to(dtype)
-        active = src.amax(0)
+        c, f, u_w, v_w, e, d = work
+        src = e > 0.5
         if early_exit:
+            active = src.any(0)
             n_active = int(active.sum())
-            if n_active == 0:
-                break
-            if n_active <= _COMPACT_AT * width:
-                if pid is not None:
-                    _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
-                keep = active.nonzero().squeeze(1)
-                pid = keep if pid is None else pid.index_select(0, keep)
-                cst, flw, u_w, v_w, exc, dfc, cbig = _select(full_state, pid)
-                src, active = src.index_select(1, keep), active.index_select(0, keep)
-                width = n_active
-        # Multi-source Dijkstra on reduced costs C_ij - u_i - v_j >= 0: rows with supply left
-        # start at 0; row -> column arcs always exist, column -> row arcs where flow > 0 (tight,
-        # so of reduced cost 0). Nodes: columns 0..m-1, rows m..m+n-1. Problems without supply
-        # left start "found" and stay inert.
-        start = cst - u_w.unsqueeze(1) - v_w.unsqueeze(0) + ((1.0 - src) * big).unsqueeze(1)
-        d_col, pred_col = _argmin0(start, rows_f.view(n, 1, 1))
-        full = (
-            torch.cat([d_col + cbig, (1.0 - src) * big], 0),  # distances, (m + n, width)
-            torch.cat([torch.zeros_like(d_col), src], 0),  # visited
-            torch.cat([pred_col, torch.zeros_like(src)], 0),  # column: its row; row: its column
-            1.0 - active,  # found
-            cost.new_zeros(width),  # distance of the sink
-            cost.new_zeros(width),  # the sink column
-        )
-        wid = None  # CPU: the problems still searching (indices into the round's problems)
-        w_in = (cst, flw, u_w, v_w, dfc, cbig)
-        w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = w_in
-        w_dist, w_seen, w_pred, w_found, w_reach, w_sink = full
-        ww = -1
-        for _ in range(n + m):
-            if ww != w_found.shape[0]:  # index bases for this width
-                ww = w_found.shape[0]
-                wi = torch.arange(ww, device=device)
-                col_base = rows_l * (m * ww) + wi  # (n, ww): C / flow entry (i, 0) of problem
-                row_base = cols_l * ww + wi  # (m, ww): C entry (0, j)
-                flat_cst, flat_flw = w_cst.reshape(-1), w_flw.reshape(-1)
-                flat_dfc, flat_u = w_dfc.reshape(-1), w_u.reshape(-1)
-            val, idx = _argmin0(torch.addcmul(w_dist, w_seen, big_t), nodes_f)
-            searching = 1.0 - w_found
-            is_col = (idx < m).to(dtype)
-            j_l = idx.clamp_max(m - 1).long()
-            i_l = (idx - m).clamp_min(0).long()
-            free = (flat_dfc.take(j_l * ww + wi) > 0.5).to(dtype)
-            new = searching * is_col * free
-            w_sink = torch.lerp(w_sink, idx, new)
-            w_reach = torch.lerp(w_reach, val, new)
-            w_found = w_found + new
-            w_seen = torch.addcmul(w_seen, (nodes_f == idx).to(dtype), searching - new)
-            # a saturated column: its rows with flow are reached at the same distance (val is
-            # the smallest unvisited distance, so no unvisited row is closer)
-            via_col = (searching * is_col - new) > 0.5
-            col_flow = flat_flw.take(col_base + j_l * ww)
-            to_row = (col_flow > 0.5) & (w_seen[m:] < 0.5) & via_col
-            # a row: relax every column
-            via_row = (searching * (1.0 - is_col)) > 0.5
-            row = flat_cst.take(row_base + i_l * (m * ww)) - flat_u.take(i_l * ww + wi) - w_v
-            cand = row.add_(w_cbig).add_(val)
-            d_col = w_dist[:m]
-            to_col = (cand < d_col) & (w_seen[:m] < 0.5) & via_row
-            w_dist = torch.cat([torch.where(to_col, cand, d_col),
-                                torch.where(to_row, val, w_dist[m:])])
-            w_pred = torch.cat([torch.where(to_col, idx - m, w_pred[:m]),
-                                torch.where(to_row, idx, w_pred[m:])])
-            if early_exit:
-                left = int((w_found < 0.5).sum())
-                if left == 0:
+            width = active.shape[0]
+            if n_active < _COMPACT_AT * width or n_active == 0:
+                finished = (~active).nonzero().squeeze(1)
+                flow.index_copy_(2, finished if pid is None else pid[finished],
+                                 f.index_select(2, finished))
+                if n_active == 0:
+                    pid = None
                     break
-                if left <= _COMPACT_AT * ww:  # compact: write back the finished, keep the rest
-                    work = (w_dist, w_seen, w_pred, w_found, w_reach, w_sink)
-                    full = _write_back(full, work, wid)
-                    keep = (w_found < 0.5).nonzero().squeeze(1)
-                    wid = keep if wid is None else wid.index_select(0, keep)
-                    w_cst, w_flw, w_u, w_v, w_dfc, w_cbig = _select(w_in, wid)
-                    w_dist, w_seen, w_pred, w_found, w_reach, w_sink = _select(work, keep)
-        full = _write_back(full, (w_dist, w_seen, w_pred, w_found, w_reach, w_sink), wid)
-        dist, seen, pred, found, reach, sink = full
-        # Duals: visited nodes move by (sink distance - their distance); arcs stay >= 0.
-        shift = seen * (reach - dist).clamp_min(0.0)
-        u_w += shift[m:]
-        v_w -= shift[:m]
-        # Augment along the path sink <- row <- column <- ... <- source by its bottleneck.
-        wi = torch.arange(width, device=device)
-        going = (found > 0.5) & (active > 0.5)
-        sink_l = sink.long()
-        delta = torch.where(going, dfc.reshape(-1).take(sink_l * width + wi), 0.0)
-        col = sink_l
-        flat_f, flat_p = flw.reshape(-1), pred.reshape(-1)
-        flat_e, flat_s = exc.reshape(-1), src.reshape(-1)
-        path = []
-        arrived = torch.zeros_like(going)
-        for _ in range(min(n, m)):
-            row_i = flat_p.take(col * width + wi).long()
-            at_source = going & (flat_s.take(row_i * width + wi) > 0.5)
-            delta = torch.where(at_source,
-                                torch.minimum(delta, flat_e.take(row_i * width + wi)), delta)
-            arrived = arrived | at_source
-            onward = going & ~at_source
-            back = flat_p.take((row_i + m) * width + wi).long()
-            delta = torch.where(
-                onward, torch.minimum(delta, flat_f.take((row_i * m + back) * width + wi)), delta)
-            path.append((row_i, col, back, going, at_source))
-            col = torch.where(onward, back, col)
-            going = onward
-            if early_exit and not bool(going.any()):
+                keep = active.nonzero().squeeze(1)
+                pid = keep if pid is None else pid[keep]
+                work = [t.index_select(t.dim() - 1, keep) for t in work]
+                c, f, u_w, v_w, e, d = work
+                src = src.index_select(1, keep)
+        width = c.shape[-1]
+        # Multi-source shortest paths (Bellman-Ford, all nodes at once) on reduced costs
+        # C_ij - u_i - v_j >= 0 (clamped: rounding may leave -1 ulp): rows with supply left
+        # start at 0; row -> column arcs always exist, column -> row arcs where flow > 0 (tight,
+        # so of length 0). Predecessors change only on strict improvement: no cycles.
+        reduced = (c - u_w.unsqueeze(1) - v_w.unsqueeze(0)).clamp_min_(0.0)
+        back = torch.where(f > 0.5, 0.0, big)
+        sink_pen = torch.where(d > 0.5, 0.0, big)
+        d_row = torch.where(src, 0.0, big)
+        d_col = cost.new_full((m, width), big)
+        # Label levels: the sweep of a node's last improvement (columns 2t, rows 2t + 1,
+        # sources -1). A node's predecessor on a shortest path is then found after the sweeps
+        # as a neighbour whose distance explains its own *and* whose level is lower -- levels
+        # fall along the path, so it cannot cycle through zero-length arcs.
+        lvl_row = torch.where(src, -1.0, big)
+        lvl_col = cost.new_full((m, width), big)
+        for t in range(steps):
+            low = (d_row.unsqueeze(1) + reduced).amin(0)
+            better = low < d_col
+            d_col = torch.where(better, low, d_col)
+            lvl_col = torch.where(better, 2.0 * t, lvl_col)
+            reach = (d_col + sink_pen).amin(0)  # distance of the nearest column with demand
+            low = (d_col.unsqueeze(0) + back).amin(1)
+            better = (low < d_row) & (low < reach)  # nodes beyond the sink do not matter
+            d_row = torch.where(better, low, d_row)
+            lvl_row = torch.where(better, 2.0 * t + 1.0, lvl_row)
+            if early_exit and not bool(better.any()):
                 break
-        delta = torch.where(arrived, delta, 0.0)
-        dfc -= (cols_f == sink).to(dtype) * delta
-        for row_i, col, back, on_path, at_source in path:
-            flat_f.index_add_(0, (row_i * m + col) * width + wi, torch.where(on_path, delta, 0.0))
-            flat_e.index_add_(0, row_i * width + wi, -torch.where(at_source, delta, 0.0))
-            flat_f.index_add_(0, (row_i * m + back) * width + wi,
-                              -torch.where(on_path & ~at_source, delta, 0.0))
-    if pid is not None:
-        _write_back(full_state, (cst, flw, u_w, v_w, exc, dfc, cbig), pid)
+        reach, sink = _argmin_dim(d_col + sink_pen, 0, cols_f)
+        found = reach < 0.5 * big
+        _augment(f, e, d, src, reduced, (d_row, d_col), (lvl_row, lvl_col), sink.long(), found,
+                 early_exit)
+        # Duals: every node moves by (sink distance - its distance)^+; arcs stay >= 0 and the
+        # shortest path to the sink becomes tight.
+        u_w += torch.where(found, (reach - d_row).clamp_min(0.0), 0.0)
+        v_w -= torch.where(found, (reach - d_col).clamp_min(0.0), 0.0)
     return (flow / total).permute(2, 0, 1)
 
 
@@ -608,30 +613,57 @@ def _subset(prep: Prepared, index: Tensor) -> Prepared:
 def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Tensor:
     """Per problem (host-side routing, for when reading the flags costs nothing): the assignment
     solver for equal uniform supports, the device flow solver for unequal uniform ones, POT for
-    general weights."""
-    groups = (
-        (uniform & equal, _solve_assignment),
-        (uniform & ~equal, _solve_flow),
-        (~uniform, _solve_transport),
-    )
-    values = prep.x.new_zeros(prep.x.shape[0])
-    for chosen, solve in groups:
-        index = chosen.nonzero().squeeze(1).to(prep.x.device)
+    general weights. Only the ``(B, N, M)`` costs are split between the solvers; the value and
+    its gradient come from one plan for all problems (no copy of the points per group)."""
+    device = prep.x.device
+    groups = [
+        (chosen.nonzero().squeeze(1).to(device), solve)
+        for chosen, solve in ((uniform & equal, _solve_assignment), (uniform & ~equal, _solve_flow),
+                              (~uniform, _solve_transport))
+    ]
+    for index, solve in groups:
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
-        if index.numel():
-            values = values.index_put((index,), solve(_subset(prep, index), p))
-    return values
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    xc, yc = center(x, y, b)
+    with torch.no_grad():
+        cost = pairwise_cost(xc.detach(), yc.detach(), p)
+        plan = torch.zeros_like(cost)
+        (assign, _), (flow, _), (general, _) = groups
+        if assign.numel():
+            plan[assign] = _assignment_plan(cost[assign], a[assign], b[assign])
+        if flow.numel():
+            plan[flow] = transport_plan(cost[flow], a[flow] > 0, b[flow] > 0)
+        if general.numel():
+            plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
+    return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
+
+
+def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``(B, N, M)`` plan of the optimal matching between the ``a > 0`` rows and the ``b > 0``
+    columns (equal uniform supports, as the caller routes them): ``a_i`` on each matched pair."""
+    bsz, n_x, n_y = cost.shape
+    n = max(n_x, n_y)
+    rows, cols = a > 0, b > 0
+    if n_x < n or n_y < n:  # pad to square with masked rows / columns
+        padded = cost.new_zeros(bsz, n, n)
+        padded[:, :n_x, :n_y] = cost
+        cost = padded
+        rows = torch.cat([rows, rows.new_zeros(bsz, n - n_x)], 1)
+        cols = torch.cat([cols, cols.new_zeros(bsz, n - n_y)], 1)
+    match = assignment(cost, rows, cols)
+    plan = torch.zeros(bsz, n, n, dtype=cost.dtype, device=cost.device)
+    plan.scatter_(2, match.clamp_min(0).unsqueeze(-1), 1.0)
+    return plan[:, :n_x, :n_y] * a.unsqueeze(-1)  # a = 0 on unmatched rows
 
 
 def _solve_flow(prep: Prepared, p: float) -> Tensor:
     """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports."""
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
-    with torch.no_grad():
-        xc, yc = center(x.detach(), y.detach(), b)
-        cost = pairwise_cost(xc, yc, p)
-        plan = transport_plan(cost, a > 0, b > 0)
     xc, yc = center(x, y, b)
+    with torch.no_grad():
+        cost = pairwise_cost(xc.detach(), yc.detach(), p)
+        plan = transport_plan(cost, a > 0, b > 0)
     return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
 
 
@@ -675,7 +707,9 @@ class _MatchedSquaredCost(torch.autograd.Function):
         return diff * (2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1), None, None, None
 
 
-def _solve_transport(prep: Prepared, p: float) -> Tensor:
+def _pot_plans(prep: Prepared, p: float) -> Tensor:
+    """``(B, N, M)`` float64 optimal plans from POT's network simplex ``ot.emd``, one problem at
+    a time on the host (general weights; zeros for empty problems)."""
     try:
         import ot
     except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -695,8 +729,12 @@ def _solve_transport(prep: Prepared, p: float) -> Tensor:
             if nonempty[k]:
                 wa, wb = a_np[k], b_np[k]
                 plans[k] = torch.from_numpy(ot.emd(wa / wa.sum(), wb / wb.sum(), cost[k]))
-        plans = plans.to(device=x.device, dtype=x.dtype)
-    diff = x.unsqueeze(2) - y.unsqueeze(1)
+    return plans.to(x.device)
+
+
+def _solve_transport(prep: Prepared, p: float) -> Tensor:
+    plans = _pot_plans(prep, p).to(prep.x.dtype)
+    diff = prep.x.unsqueeze(2) - prep.y.unsqueeze(1)
     return (plans * segment_cost(diff, p)).sum((-1, -2))
 
 
