@@ -653,6 +653,44 @@ def test_auto_routes_general_weights_to_pot_or_asserts_without_sync():
                                    atol=0)
 
 
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("m", [6, 7])
+def test_auto_mixed_batch_splits_routes_and_keeps_each_problem_aligned(p, m):
+    """One call with every route -- equal uniform supports (assignment), unequal ones (flow),
+    general weights (POT), an empty problem -- and N != M: each problem's value and gradient are
+    POT's for that problem (a misaligned plan or point subset would swap them)."""
+    g = torch.Generator().manual_seed(21)
+    scale = torch.arange(1.0, 9.0, dtype=torch.float64)[:, None, None]
+    x = torch.randn(8, 6, 3, generator=g, dtype=torch.float64) * scale
+    y = torch.randn(8, m, 3, generator=g, dtype=torch.float64) + 5.0
+    a = torch.ones(8, 6, dtype=torch.float64)
+    b = torch.ones(8, m, dtype=torch.float64)
+    b[0, 6:] = 0.0  # 6 vs 6: assignment
+    b[1, :3] = 0.0  # 6 vs m - 3: flow
+    a[2, 0], b[2, 1:3] = 0.0, 0.0  # 5 vs m - 2: flow (masked rows too)
+    a[3] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=torch.float64)  # general: POT
+    b[4] = 0.0  # empty
+    a[5, :2], b[5, :m - 4] = 0.0, 0.0  # 4 vs 4 after masking: assignment
+    x.requires_grad_(True)
+    value = exact_wasserstein(x, y, a, b, p=p, check_finite=False)
+    torch.testing.assert_close(value.detach(), pot_oracle(x.detach(), y, a, b, p), rtol=1e-9,
+                               atol=1e-9)
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    for k in range(8):  # one problem at a time: the same value and gradient
+        xk = x.detach()[k : k + 1].clone().requires_grad_(True)
+        alone = exact_wasserstein(xk, y[k : k + 1], a[k : k + 1], b[k : k + 1], p=p,
+                                  check_finite=False)
+        torch.testing.assert_close(value[k : k + 1].detach(), alone.detach())
+        (want,) = torch.autograd.grad(alone.sum(), xk)
+        torch.testing.assert_close(grad[k : k + 1], want)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9])
+def test_sorted_rows_network_equals_sort(n):
+    values = torch.randn(n, 300, generator=torch.Generator().manual_seed(n)).round(decimals=1)
+    torch.testing.assert_close(exact_module._sorted_rows(values), values.sort(0).values)
+
+
 def test_compile_fullgraph_exact_assignment():
     """No host sync on the assignment path either (the flow path: the estimator template)."""
     x, y = torch.randn(3, 2, 2), torch.randn(3, 2, 2)

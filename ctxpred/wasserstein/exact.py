@@ -351,6 +351,20 @@ def _argmin_dim(values: Tensor, dim: int, index_f: Tensor) -> tuple[Tensor, Tens
     return low.squeeze(dim), key.amin(dim)
 
 
+def _sorted_rows(values: Tensor) -> Tensor:
+    """``values (n, W)`` sorted along dim 0: an odd-even transposition network (``n`` rounds of
+    min/max on whole rows) for ``n <= 8``, where it beats ``sort`` on CPUs; ``sort`` above."""
+    n = values.shape[0]
+    if n > 8:
+        return values.sort(0).values
+    rows = list(values.unbind(0))
+    for step in range(n):
+        for i in range(step % 2, n - 1, 2):
+            rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(
+                rows[i], rows[i + 1])
+    return torch.stack(rows)
+
+
 def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, reduced: Tensor,
              dist: tuple[Tensor, Tensor], level: tuple[Tensor, Tensor], sink: Tensor,
              found: Tensor, early_exit: bool) -> None:
@@ -507,7 +521,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         for j in range(m):
             shifted[:, j] = big
             gap = cst[:, j] - shifted.amin(1)  # (n, B)
-            best = gap.sort(0).values.gather(0, kth.unsqueeze(0)).squeeze(0)
+            best = _sorted_rows(gap).gather(0, kth.unsqueeze(0)).squeeze(0)
             v[j] = torch.where(col_f[j] > 0.5, best, 0.0)
             shifted[:, j] = cst[:, j] - v[j]
     u = torch.where(row_f > 0.5, shifted.amin(1), 0.0)
