@@ -694,13 +694,23 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         b = torch.cat([b, b.new_zeros(bsz, n - n_y)], 1)
     with torch.no_grad():
         xc, yc = center(x.detach(), y.detach(), b)
-        cost = pairwise_cost(xc, yc, p)
+        # p = 2: |x_i|^2 and |y_j|^2 are row and column constants, which leave the optimal
+        # matching unchanged -- only -2 <x_i, y_j> is needed (the value comes from differences)
+        cost = (torch.bmm(xc, yc.transpose(1, 2)).mul_(-2.0) if p == 2
+                else pairwise_cost(xc, yc, p))
         match = assignment(cost, a > 0, b > 0)
     index = match.clamp_min(0)
     if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
         return _MatchedSquaredCost.apply(x, y.detach(), index, a)
-    matched = torch.gather(y, 1, index.unsqueeze(-1).expand(-1, -1, d))
-    return (a * segment_cost(x - matched, p)).sum(-1)
+    return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1)
+
+
+def _take_rows(y: Tensor, index: Tensor) -> Tensor:
+    """``y[b, index[b, i]]`` for ``y (B, M, D)``, ``index (B, N)`` -> ``(B, N, D)``: whole rows
+    by ``index_select`` (about twice as fast on CPUs as ``gather`` with an expanded index)."""
+    bsz, m, d = y.shape
+    rows = index + torch.arange(bsz, device=index.device).unsqueeze(1) * m
+    return y.reshape(bsz * m, d).index_select(0, rows.view(-1)).view(*index.shape, d)
 
 
 class _MatchedSquaredCost(torch.autograd.Function):
@@ -711,7 +721,7 @@ class _MatchedSquaredCost(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx, x: Tensor, y: Tensor, index: Tensor, a: Tensor
     ) -> Tensor:
-        diff = x - torch.gather(y, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        diff = x - _take_rows(y, index)
         ctx.save_for_backward(diff, a)
         return (a * torch.linalg.vector_norm(diff, dim=-1).square()).sum(-1)
 
