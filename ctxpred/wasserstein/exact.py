@@ -525,17 +525,21 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
             v[j] = torch.where(col_f[j] > 0.5, best, 0.0)
             shifted[:, j] = cst[:, j] - v[j]
     u = torch.where(row_f > 0.5, shifted.amin(1), 0.0)
-    u_col, v_row = u.unsqueeze(1), v.unsqueeze(0)
-    tol = (cst.abs() + u_col.abs() + v_row.abs()) * (_TIE_ULPS * torch.finfo(dtype).eps)
-    tight = (cst - u_col - v_row <= tol).to(dtype)
+    # reduced costs C_ij - u_i - v_j >= 0: from here on only they, not C, u, v, are kept
+    reduced = shifted.sub_(u.unsqueeze(1))
+    tol = (cst.abs() + u.abs().unsqueeze(1) + v.abs().unsqueeze(0)) * (
+        _TIE_ULPS * torch.finfo(dtype).eps)
+    tight = (reduced <= tol).to(dtype)
+    reduced.clamp_min_(0.0)  # rounding may leave -1 ulp
     only = tight * (tight.sum(1, keepdim=True) == 1).to(dtype)  # rows with one tight arc
     for arcs in (only, tight):  # those rows first: a row with ties can still split later
-        for i in range(n):
-            for j in range(m):
-                amount = torch.minimum(excess[i], deficit[j]).mul_(arcs[i, j])
-                flow[i, j] += amount
-                excess[i] -= amount
-                deficit[j] -= amount
+        for i in range(n):  # row i fills its tight columns in order: a prefix sum per problem
+            room = deficit * arcs[i]  # (m, B)
+            before = room.cumsum(0).sub_(room)
+            amount = torch.minimum((excess[i] - before).clamp_min_(0.0), room)
+            flow[i] += amount
+            excess[i] -= amount.sum(0)
+            deficit -= amount
 
     # Rounds of successive shortest paths. Working set (CPU): the problems still moving flow;
     # a finished problem's flow is stored and it leaves the work (its duals are not needed).
@@ -543,12 +547,12 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     # Bellman-Ford sweeps: a simple path visits at most min(n, m) columns, so min(n, m) + 1
     # sweeps settle every distance; one more leaves the last sweep without change.
     steps = min(n, m) + 2
-    work = [cst, flow, u, v, excess, deficit]
+    work = [reduced, flow, excess, deficit]
     pid: Tensor | None = None  # problems of the working set (None: all, in order)
     done_rounds = 0
     while rounds is None or done_rounds < rounds:
         done_rounds += 1
-        c, f, u_w, v_w, e, d = work
+        r, f, e, d = work
         src = e > 0.5
         if early_exit:
             active = src.any(0)
@@ -564,14 +568,13 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
                 keep = active.nonzero().squeeze(1)
                 pid = keep if pid is None else pid[keep]
                 work = [t.index_select(t.dim() - 1, keep) for t in work]
-                c, f, u_w, v_w, e, d = work
+                r, f, e, d = work
                 src = src.index_select(1, keep)
-        width = c.shape[-1]
-        # Multi-source shortest paths (Bellman-Ford, all nodes at once) on reduced costs
-        # C_ij - u_i - v_j >= 0 (clamped: rounding may leave -1 ulp): rows with supply left
-        # start at 0; row -> column arcs always exist, column -> row arcs where flow > 0 (tight,
-        # so of length 0). Predecessors change only on strict improvement: no cycles.
-        reduced = (c - u_w.unsqueeze(1) - v_w.unsqueeze(0)).clamp_min_(0.0)
+        width = r.shape[-1]
+        # Multi-source shortest paths (Bellman-Ford, all nodes at once) on the reduced costs:
+        # rows with supply left start at 0; row -> column arcs always exist, column -> row arcs
+        # where flow > 0 (tight, so of length 0). Predecessors change only on strict
+        # improvement: no cycles.
         back = torch.where(f > 0.5, 0.0, big)
         sink_pen = torch.where(d > 0.5, 0.0, big)
         d_row = torch.where(src, 0.0, big)
@@ -583,7 +586,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         lvl_row = torch.where(src, -1.0, big)
         lvl_col = cost.new_full((m, width), big)
         for t in range(steps):
-            low = (d_row.unsqueeze(1) + reduced).amin(0)
+            low = (d_row.unsqueeze(1) + r).amin(0)
             better = low < d_col
             d_col = torch.where(better, low, d_col)
             lvl_col = torch.where(better, 2.0 * t, lvl_col)
@@ -596,12 +599,14 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
                 break
         reach, sink = _argmin_dim(d_col + sink_pen, 0, cols_f)
         found = reach < 0.5 * big
-        _augment(f, e, d, src, reduced, (d_row, d_col), (lvl_row, lvl_col), sink.long(), found,
+        _augment(f, e, d, src, r, (d_row, d_col), (lvl_row, lvl_col), sink.long(), found,
                  early_exit)
-        # Duals: every node moves by (sink distance - its distance)^+; arcs stay >= 0 and the
+        # Duals: every node moves by (sink distance - its distance)^+ (u_i up, v_j down), so
+        # the reduced cost of arc ij changes by shift_j - shift_i: arcs stay >= 0 and the
         # shortest path to the sink becomes tight.
-        u_w += torch.where(found, (reach - d_row).clamp_min(0.0), 0.0)
-        v_w -= torch.where(found, (reach - d_col).clamp_min(0.0), 0.0)
+        shift_row = torch.where(found, (reach - d_row).clamp_min_(0.0), 0.0)
+        shift_col = torch.where(found, (reach - d_col).clamp_min_(0.0), 0.0)
+        r.add_(shift_col.unsqueeze(0)).sub_(shift_row.unsqueeze(1)).clamp_min_(0.0)
     return (flow / total).permute(2, 0, 1)
 
 
