@@ -341,7 +341,6 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     return torch.where(row_valid, result, -1)
 
 
-
 def _argmin_dim(values: Tensor, dim: int, index_f: Tensor) -> tuple[Tensor, Tensor]:
     """Minimum over ``dim`` and the first index attaining it (as float); ``index_f`` holds
     ``arange`` shaped to broadcast along ``dim``. Faster on CPUs than ``min(dim)`` over a short
