@@ -339,6 +339,11 @@ class Stage:
     variants: tuple[str, ...] | None
     note: str = ""
     model: str = "continuous"
+    #: stages whose stored runs with the same key and an identical spec count for this stage
+    #: (copied in with ``reused_from``): a new variant is compared with arms already run
+    reuse: tuple[str, ...] = ()
+    #: ``(variant, other)`` pairs also compared head to head (variant minus other, same seeds)
+    versus: tuple[tuple[str, str], ...] = ()
 
 
 _SWEEP = Preset(steps=400, batch_size=16, base_channels=16, lr=1e-3, samples=128,
@@ -391,6 +396,9 @@ def study_variants() -> dict[str, Any]:
         # timestep weighting of the context loss (per-sample weights, mean 1 over t)
         "px-l0.3-snr": r(ref, timestep_weighting="snr"),
         "px-l0.3-tcut": r(ref, timestep_weighting="cutoff", t_cutoff=0.5),
+        # the confirmed recipe (snr) with the exact estimator instead of Sinkhorn (declared
+        # 2026-11-30 for the "exact-default" stage)
+        "px-l0.3-snr-exact": r(ref, timestep_weighting="snr", estimator="exact"),
         # the feature context (scale-free FeatureNeighborhood), layers and head as the ref
         "feat-l0.1": r(ref, target="features", weight=0.1),
         "feat-l0.3": r(ref, target="features"),
@@ -441,6 +449,19 @@ STAGES: dict[str, Stage] = {
                                 ("textures",), ("px-l0.3-snr", "px-l0.3-tcut"),
                                 "the timestep-weighted variants on 10 fresh seeds (30-39), "
                                 "textures, demo budget; judged alone"),
+    # Declared 2026-11-30 before any of its runs, to decide whether the exact estimator becomes
+    # the loss's default (issue 12): the confirmed recipe (px-l0.3-snr) with estimator="exact"
+    # (batched assignment inside the grid, device min-cost flow on border points) on the seeds
+    # of "replicate-weighted" (30-39), whose baseline and px-l0.3-snr runs it reuses. Decision
+    # rule: exact becomes the default if its verdict against the baseline is "helps" (the same
+    # rule) and, head to head against px-l0.3-snr, no primary metric's 95% interval lies
+    # entirely above 0 (exact not shown worse); otherwise Sinkhorn stays.
+    "exact-default": Stage("exact-default", _DEMO, tuple(range(30, 40)), ("textures",),
+                           ("px-l0.3-snr", "px-l0.3-snr-exact"),
+                           "the confirmed recipe with the exact estimator, seeds 30-39 "
+                           "(baseline and Sinkhorn arms reused from replicate-weighted), "
+                           "textures, demo budget", reuse=("replicate-weighted",),
+                           versus=(("px-l0.3-snr-exact", "px-l0.3-snr"),)),
     # digits, not textures: at 3x the demo's steps a textures run takes 10-17 min on one CPU
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,
@@ -727,6 +748,11 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
     study = load_study(path)
     done = 0
     stages = {r.stage for r in runs}
+    if any(STAGES[st].reuse for st in stages if st in STAGES):
+        with study_lock(path):
+            study = load_study(path)
+            if reuse_runs(runs, study):
+                save_study(path, study)
     todo = [r for stage in stages for r in pending_runs(
         [r for r in runs if r.stage == stage], study.get(stage, {}))]
     todo.sort(key=runs.index)
@@ -757,6 +783,35 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
         log(f"[{i}/{len(todo)}] {run.stage}/{run.key}: {shown} "
             f"({time.perf_counter() - t0:.0f} s)")
     return done
+
+
+def reuse_runs(runs: list[StudyRun], study: dict[str, Any]) -> list[str]:
+    """Copy into ``study`` each run of ``runs`` not stored in its own stage but stored in one
+    of the stage's :attr:`Stage.reuse` stages with the same key and an identical spec (the
+    copy names its source in ``reused_from``); returns the copied ``stage/key`` names.
+
+    Example:
+        >>> st = {"a": {"t/baseline/0": {"spec": {"x": 1}, "metrics": {}}}}
+        >>> stage = Stage("b", PRESETS["smoke"], (0,), ("t",), (), reuse=("a",))
+        >>> run = StudyRun("b", "t", "baseline", 0, {"x": 1}, lambda: {})
+        >>> STAGES["b"] = stage
+        >>> reuse_runs([run], st), st["b"]["t/baseline/0"]["reused_from"]
+        (['b/t/baseline/0'], 'a')
+        >>> del STAGES["b"]
+    """
+    copied = []
+    for run in runs:
+        stage = STAGES.get(run.stage)
+        if stage is None or run.key in study.get(run.stage, {}):
+            continue
+        spec = json.loads(json.dumps(run.spec))
+        for source in stage.reuse:
+            record = study.get(source, {}).get(run.key)
+            if record is not None and record["spec"] == spec:
+                study.setdefault(run.stage, {})[run.key] = {**record, "reused_from": source}
+                copied.append(f"{run.stage}/{run.key}")
+                break
+    return copied
 
 
 def _fmt_ci(c: Any, relative: bool) -> str:
@@ -877,6 +932,58 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
     return "\n".join(lines)
 
 
+def head_to_head(records: dict[str, dict[str, Any]], pairs: tuple[tuple[str, str], ...]) -> str:
+    """Markdown of ``variant`` minus ``other`` on the seeds both have, per dataset and pair:
+    the primary metrics as in :func:`study_table` (% of ``other``'s mean, 95% paired-t interval,
+    p and its Holm adjustment over the primary metrics) and whether any interval lies entirely
+    above 0 ("shown worse") or below 0 ("shown better").
+
+    Example:
+        >>> rec = lambda v: {"metrics": {"swd": v, "neighbor": v}}
+        >>> recs = {"t/a/0": rec(1.0), "t/a/1": rec(2.0), "t/a/2": rec(3.0),
+        ...         "t/b/0": rec(1.1), "t/b/1": rec(2.1), "t/b/2": rec(3.3)}
+        >>> print(head_to_head(recs, (("b", "a"),)).splitlines()[-1])
+        | b - a | 3 | +8.3% [-6.0, +22.7] | 0.13 (0.259) | +8.3% [-6.0, +22.7] | 0.13 (0.259) | neither |
+    """
+    from benchmarks.paired import holm, paired_comparison
+
+    grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    for key, record in records.items():
+        dataset, variant, seed = key.rsplit("/", 2)
+        grouped.setdefault(dataset, {}).setdefault(variant, {})[int(seed)] = record["metrics"]
+    lines: list[str] = []
+    for dataset, variants in grouped.items():
+        primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)
+        rows = []
+        for variant, other in pairs:
+            a, b = variants.get(variant, {}), variants.get(other, {})
+            comps = []
+            for metric in primary:
+                seeds = sorted(s for s in a if s in b and metric in a[s] and metric in b[s])
+                comps.append(paired_comparison([b[s][metric] for s in seeds],
+                                               [a[s][metric] for s in seeds]) if seeds else None)
+            adjusted = holm([c.p_value if c is not None else math.nan for c in comps])
+            cells = []
+            for c, p_adj in zip(comps, adjusted):
+                if c is None:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(_fmt_ci(c, relative=True))
+                cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
+            real = [c for c in comps if c is not None and not math.isnan(c.ci_low)]
+            worse, better = any(c.ci_low > 0 for c in real), any(c.ci_high < 0 for c in real)
+            shown = ("both" if worse and better else "shown worse" if worse
+                     else "shown better" if better else "neither")
+            n = max((c.n for c in comps if c is not None), default=0)
+            rows.append(f"| {variant} - {other} | {n} | " + " | ".join(cells) + f" | {shown} |")
+        lines += [f"Head to head on {dataset} (first minus second on the same seeds, in % of the "
+                  "second's mean; last column: an interval entirely above 0 = shown worse, "
+                  "below 0 = shown better):", "",
+                  "| comparison | paired seeds | " + " | ".join(f"{m} | p {m}" for m in primary)
+                  + " | interval |", "|---|---|" + "---|---|" * len(primary) + "---|", *rows, ""]
+    return "\n".join(lines)
+
+
 def write_study_tables(path: Path, commands: dict[str, str],
                        planned: dict[str, list[str]] | None = None) -> str:
     """Write ``path`` with ``.md`` (every stage's :func:`study_table`) and return the text."""
@@ -893,6 +1000,8 @@ def write_study_tables(path: Path, commands: dict[str, str],
             parts += ["Command (resumes; finished runs are skipped):", "", "```",
                       commands[stage], "```", ""]
         parts.append(study_table(stage, study[stage], (planned or {}).get(stage)))
+        if spec.versus:
+            parts.append(head_to_head(study[stage], spec.versus))
     text = "\n".join(parts)
     path.with_suffix(".md").write_text(text)
     report = path.with_name("quality.md")  # the hand-written report quotes the tables
