@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import numpy as np
 import ot
@@ -626,6 +627,73 @@ def test_flow_fixed_bound_is_enough_and_cpu_schedule_agrees():
     with fixed_schedule():
         fixed = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
     torch.testing.assert_close(fixed, eager)
+
+
+class _LaggedStop:
+    """CPU stand-in for the CUDA polled stop: a round's flag becomes readable ``lag`` rounds
+    after it was posted (as when the host runs ahead of the device)."""
+
+    instances: ClassVar[list[_LaggedStop]] = []
+
+    def __init__(self, rounds: int, lag: int) -> None:
+        self.rounds, self.lag, self.flags = rounds, lag, []
+        _LaggedStop.instances.append(self)
+
+    def post(self, any_left: torch.Tensor) -> None:
+        assert any_left.shape == () and any_left.dtype == torch.bool
+        self.flags.append(any_left.clone())
+
+    def done(self) -> bool:
+        ready = self.flags[: max(0, len(self.flags) - self.lag)]
+        return any(not bool(f) for f in ready)
+
+
+@pytest.mark.parametrize("lag", [0, 3, 1000])
+def test_flow_fixed_schedule_stops_early_when_polled_and_stays_exact(lag, monkeypatch):
+    """The accelerator schedule with the CUDA early stop (``_PolledStop``; here a lagged CPU
+    stand-in): it runs far fewer rounds than the bound once every problem is done, and the plan
+    is the one of the full schedule (a flag with the wrong sense, or posted before the round's
+    augmentation and read as final, would stop too early and leave supply unshipped)."""
+    x, y = clouds(21, 256, 8, 8, 3, torch.float32)
+    mask = torch.rand(256, 8, generator=torch.Generator().manual_seed(4)) < 0.7
+    mask[:, 5] = True
+    with fixed_schedule():
+        full = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
+        _LaggedStop.instances.clear()
+        monkeypatch.setattr(exact_module, "_make_stop",
+                            lambda rounds, device: _LaggedStop(rounds, lag))
+        polled = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
+    torch.testing.assert_close(polled, full, rtol=0, atol=0)
+    (stop,) = _LaggedStop.instances
+    bound = flow_augmentation_bound(8, 8)
+    assert stop.rounds == bound
+    if lag >= bound:  # never readable: the whole fixed schedule runs
+        assert len(stop.flags) == bound
+    else:  # a few rounds suffice here; the loop ends `lag` rounds after the first "done" flag
+        first_done = next(i for i, f in enumerate(stop.flags) if not bool(f))
+        assert first_done < bound // 3 and len(stop.flags) == first_done + lag + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flow_on_cuda_polls_its_stop_and_matches_cpu(monkeypatch):
+    made = []
+    real = exact_module._make_stop
+
+    def spy(rounds, device):
+        made.append(real(rounds, device))
+        return made[-1]
+
+    monkeypatch.setattr(exact_module, "_make_stop", spy)
+    x, y = clouds(23, 512, 8, 8, 3, torch.float32)
+    mask = torch.rand(512, 8, generator=torch.Generator().manual_seed(5)) < 0.7
+    mask[:, 2] = True
+    cpu = exact_wasserstein(x, y, None, mask.float(), check_finite=False)
+    gpu = exact_wasserstein(x.cuda(), y.cuda(), None, mask.float().cuda(), check_finite=False)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    stops = [s for s in made if s is not None]
+    assert len(stops) == 1 and 1 <= stops[0].posted <= flow_augmentation_bound(8, 8)
+    torch.cuda.synchronize()
+    assert not bool(stops[0].flags[stops[0].posted - 1])  # it ended with no supply left
 
 
 def test_assignment_with_unequal_supports_is_an_error_without_check_finite():
