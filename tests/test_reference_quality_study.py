@@ -192,6 +192,30 @@ def test_study_runs_are_declared_and_fingerprinted() -> None:
     assert again[0].spec["eval"] == confirm[0].spec["eval"]
 
 
+def test_exact_default_stage_reuses_only_identical_runs() -> None:
+    stage = quality.STAGES["exact-default"]
+    runs = quality.study_runs(stage, _args())
+    assert {r.variant for r in runs} == {"baseline", "px-l0.3-snr", "px-l0.3-snr-exact"}
+    assert {r.seed for r in runs} == set(range(30, 40))
+    source = {r.key: r for r in quality.study_runs(quality.STAGES["replicate-weighted"],
+                                                   _args())}
+    exact = next(r for r in runs if r.variant == "px-l0.3-snr-exact")
+    assert exact.spec["train"]["context"]["estimator"] == "exact"
+    # the arms it reuses are the very runs of replicate-weighted (same spec, key for key)
+    shared = [r for r in runs if r.variant != "px-l0.3-snr-exact"]
+    assert all(source[r.key].spec == r.spec for r in shared)
+    study = {"replicate-weighted": {r.key: {"spec": r.spec, "metrics": {"swd": 1.0}}
+                                    for r in source.values()}}
+    changed = shared[0].key
+    study["replicate-weighted"][changed]["spec"] = {"other": 1}  # another protocol: not reused
+    copied = quality.reuse_runs(runs, study)
+    assert len(copied) == len(shared) - 1 and f"exact-default/{changed}" not in copied
+    assert all(study["exact-default"][r.key]["reused_from"] == "replicate-weighted"
+               for r in shared if r.key != changed)
+    assert exact.key not in study["exact-default"]
+    assert quality.reuse_runs(runs, study) == []  # idempotent
+
+
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
     frozen = quality.FINGERPRINT_DEFAULTS["ContextConfig"]
     cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5, points=frozen["points"],

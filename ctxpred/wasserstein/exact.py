@@ -352,10 +352,11 @@ def _argmin_dim(values: Tensor, dim: int, index_f: Tensor) -> tuple[Tensor, Tens
 
 
 def _sorted_rows(values: Tensor) -> Tensor:
-    """``values (n, W)`` sorted along dim 0: an odd-even transposition network (``n`` rounds of
-    min/max on whole rows) for ``n <= 8``, where it beats ``sort`` on CPUs; ``sort`` above."""
+    """``values (n, W)`` sorted along dim 0: on a CPU an odd-even transposition network (``n``
+    rounds of min/max on whole rows) for ``n <= 8``, where it beats ``sort``; ``sort`` above and
+    on accelerators (one kernel instead of ``n (n - 1)`` small ones)."""
     n = values.shape[0]
-    if n > 8:
+    if n > 8 or values.device.type != "cpu":
         return values.sort(0).values
     rows = list(values.unbind(0))
     for step in range(n):
