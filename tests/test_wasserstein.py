@@ -506,7 +506,11 @@ def test_sinkhorn_slow_schedule_is_accurate_on_masked_unequal_problems():
 import contextlib  # noqa: E402
 
 from ctxpred.wasserstein import exact as exact_module  # noqa: E402
-from ctxpred.wasserstein.exact import flow_augmentation_bound, transport_plan  # noqa: E402
+from ctxpred.wasserstein.exact import (  # noqa: E402
+    flow_augmentation_bound,
+    monotone_plan,
+    transport_plan,
+)
 
 
 def pot_plan(x, y, a, b, p=2):
@@ -567,6 +571,37 @@ def test_masked_exact_matches_pot(seed, n, m, d, scale, offset, grid, fixed):
     cols = torch.where(nonempty[:, None], b / b.sum(1, keepdim=True).clamp_min(1), 0.0)
     torch.testing.assert_close(plan.sum(2), rows)  # a feasible plan: marginals exact
     torch.testing.assert_close(plan.sum(1), cols)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 9), st.integers(1, 9),
+       st.sampled_from([1.0, 1.5, 2.0, 3.0]), st.booleans(), st.booleans())
+def test_one_dimensional_masked_exact_is_the_monotone_coupling(seed, n, m, p, grid, fixed):
+    """C = 1 (grayscale pixel targets): unequal uniform supports take the sorted (quantile)
+    coupling. Values and envelope gradients against POT at p in {1, 1.5, 2, 3}, ties included;
+    the plan has exact marginals and the cost of the min-cost flow's plan (an independent
+    solver). A rank off by one, or a masked point sorted among the valid ones, breaks these."""
+    x, y, a, b = masked_problem(seed, 6, n, m, 1, 1.0, 0.0, grid)
+    x64 = x.double().requires_grad_(True)
+    with fixed_schedule() if fixed else contextlib.nullcontext():
+        got = exact_wasserstein(x64, y.double(), a, b, p=p, solver="flow", check_finite=False)
+    torch.testing.assert_close(got, pot_oracle(x, y, a, b, p=p), rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), x64)
+    ref = x.double().requires_grad_(True)
+    (want,) = torch.autograd.grad(exact_wasserstein(ref, y.double(), a, b, p=p,
+                                                    solver="transport").sum(), ref)
+    if not grid:  # with ties the optimal plan (so the subgradient) is not unique
+        torch.testing.assert_close(grad, want, rtol=1e-7, atol=1e-9)
+    plan = monotone_plan(x.double(), y.double(), a > 0, b > 0)
+    nonempty = (a.sum(1) > 0) & (b.sum(1) > 0)
+    rows = torch.where(nonempty[:, None], a / a.sum(1, keepdim=True).clamp_min(1), 0.0)
+    cols = torch.where(nonempty[:, None], b / b.sum(1, keepdim=True).clamp_min(1), 0.0)
+    torch.testing.assert_close(plan.sum(2), rows, rtol=0, atol=1e-15)
+    torch.testing.assert_close(plan.sum(1), cols, rtol=0, atol=1e-15)
+    cost = (x.double() - y.double().transpose(1, 2)).abs() ** p
+    flow = transport_plan(cost, a > 0, b > 0)
+    torch.testing.assert_close((plan * cost).sum((1, 2)), (flow * cost).sum((1, 2)),
+                               rtol=1e-9, atol=1e-12)
 
 
 def pairwise_cost_f64(x, y):

@@ -27,8 +27,10 @@ Unequal support sizes with uniform weights — ``Q`` predicted samples against t
 valid neighbors of a border point, the loss's masked problems -- make a transportation problem
 with rational weights :math:`1/n_a`, :math:`1/n_b`. :func:`transport_plan` solves it exactly on
 the device, all problems at once, as an integer min-cost flow (successive shortest paths with
-capacities; see its docstring); the value :math:`\langle \pi^*, C(x, y)\rangle` is differentiated
-with the plan fixed (the envelope gradient). On accelerators and under ``torch.compile`` its
+capacities; see its docstring); 1-D points (``C = 1``, e.g. grayscale pixel targets) take the
+sorted quantile coupling instead (:func:`monotone_plan`: a few sorts, no iterations). The
+value :math:`\langle \pi^*, C(x, y)\rangle` is differentiated with the plan fixed (the envelope
+gradient). On accelerators and under ``torch.compile`` its
 schedule is fixed and needs no host sync; on a CPU it stops as soon as every problem is solved.
 
 General (non-uniform) weights: ``solver="transport"`` runs POT's exact network simplex ``ot.emd``
@@ -71,6 +73,7 @@ __all__ = [
     "assignment",
     "exact_wasserstein",
     "flow_augmentation_bound",
+    "monotone_plan",
     "transport_plan",
 ]
 
@@ -661,6 +664,66 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     return (flow / total).permute(2, 0, 1)
 
 
+@torch.no_grad()
+def monotone_plan(x: Tensor, y: Tensor, row_valid: Tensor, col_valid: Tensor) -> Tensor:
+    r"""Optimal plan between uniform weights on the valid points of 1-D clouds: the monotone
+    (quantile) coupling, optimal for every convex cost :math:`|x - y|^p`, :math:`p \ge 1`.
+
+    With the valid points sorted, row of rank :math:`r` holds the interval
+    :math:`[r/n_a, (r+1)/n_a)` of mass, column of rank :math:`s` the interval
+    :math:`[s/n_b, (s+1)/n_b)`, and :math:`\pi_{ij}` is the length of their overlap -- computed
+    in integer units of :math:`1/(n_a n_b)`, so the marginals are as exact as
+    :func:`transport_plan`'s. A few sorts and one broadcast: no iterations (ties are broken
+    arbitrarily; every monotone coupling is optimal).
+
+    Args:
+        x: ``(B, N, 1)`` points. y: ``(B, M, 1)`` points.
+        row_valid: ``(B, N)`` bool. col_valid: ``(B, M)`` bool.
+
+    Returns:
+        ``(B, N, M)`` plan in ``x``'s dtype (0 for empty problems).
+
+    Example:
+        >>> import torch
+        >>> from ctxpred.wasserstein.exact import monotone_plan
+        >>> x = torch.tensor([[[2.0], [0.0], [1.0]]])
+        >>> y = torch.tensor([[[5.0], [-1.0]]])
+        >>> monotone_plan(x, y, torch.ones(1, 3, dtype=torch.bool),
+        ...               torch.ones(1, 2, dtype=torch.bool)) * 6
+        tensor([[[2., 0.],
+                 [0., 2.],
+                 [1., 1.]]])
+    """
+    dtype = x.dtype
+    n_a = row_valid.sum(1, keepdim=True)
+    n_b = col_valid.sum(1, keepdim=True)
+
+    def units(points: Tensor, valid: Tensor, width: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lo, hi)`` of each point's mass interval in units of ``1 / (n_a n_b)``."""
+        keys = points.squeeze(-1).masked_fill(~valid, math.inf)  # invalid points sort last
+        order = keys.argsort(1)
+        ranks = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        lo = torch.where(valid, ranks * width, 0)
+        hi = torch.where(valid, lo + width, 0)
+        return lo, hi
+
+    lo_x, hi_x = units(x, row_valid, n_b)
+    lo_y, hi_y = units(y, col_valid, n_a)
+    overlap = (torch.minimum(hi_x.unsqueeze(2), hi_y.unsqueeze(1))
+               - torch.maximum(lo_x.unsqueeze(2), lo_y.unsqueeze(1))).clamp_min_(0)
+    total = (n_a * n_b).clamp_min(1).unsqueeze(2)
+    return overlap.to(dtype) / total.to(dtype)
+
+
+def _uniform_plan(cost: Tensor, x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The optimal plan of uniform weights on any supports: :func:`monotone_plan` for 1-D
+    points (``C = 1``, e.g. grayscale pixel targets), else :func:`transport_plan`."""
+    if x.shape[-1] == 1:
+        return monotone_plan(x, y, rows, cols).to(cost.dtype)
+    return transport_plan(cost, rows, cols)
+
+
 def _weight_classes(prep: Prepared) -> tuple[Tensor, Tensor]:
     """``(B,)`` bools ``(uniform, equal)``: both sides carry uniform weights on their supports
     (0/1 masks, or none), and the supports have equal sizes. Empty problems count as both."""
@@ -703,7 +766,7 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
         if assign.numel():
             plan[assign] = _assignment_plan(cost[assign], a[assign], b[assign])
         if flow.numel():
-            plan[flow] = transport_plan(cost[flow], a[flow] > 0, b[flow] > 0)
+            plan[flow] = _uniform_plan(cost[flow], xc[flow], yc[flow], a[flow] > 0, b[flow] > 0)
         if general.numel():
             plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
     return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
@@ -733,7 +796,7 @@ def _solve_flow(prep: Prepared, p: float) -> Tensor:
     xc, yc = center(x, y, b)
     with torch.no_grad():
         cost = pairwise_cost(xc.detach(), yc.detach(), p)
-        plan = transport_plan(cost, a > 0, b > 0)
+        plan = _uniform_plan(cost, xc, yc, a > 0, b > 0)
     return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
 
 
