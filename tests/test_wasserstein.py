@@ -604,6 +604,24 @@ def test_one_dimensional_masked_exact_is_the_monotone_coupling(seed, n, m, p, gr
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("d", [1, 3])
+def test_exact_with_non_finite_points_and_no_check_returns_nan_and_ends(fixed, d):
+    """check_finite=False (the loss's setting when the user opts out) with a NaN or inf point:
+    the solvers end (the CPU flow loop used to spin forever) and the affected problems are NaN,
+    never a finite wrong value; the other problems keep their exact values."""
+    x, y, a, b = masked_problem(3, 6, 8, 8, d, 1.0, 0.0, False)
+    a[:], b[:, :3] = 1.0, 0.0
+    b[:, 3:] = 1.0
+    clean = exact_wasserstein(x, y, a, b, check_finite=False)
+    y[2, 4, 0], y[4, 6, 0] = float("nan"), float("inf")
+    with fixed_schedule() if fixed else contextlib.nullcontext():
+        got = exact_wasserstein(x, y, a, b, check_finite=False)
+    assert torch.isnan(got[2]) and not torch.isfinite(got[4])
+    keep = [0, 1, 3, 5]
+    torch.testing.assert_close(got[keep], clean[keep])
+
+
 def pairwise_cost_f64(x, y):
     return ((x.double()[:, :, None] - y.double()[:, None]) ** 2).sum(-1)
 

@@ -590,17 +590,20 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
 
     # Rounds of successive shortest paths. Working set (CPU): the problems still moving flow;
     # a finished problem's flow is stored and it leaves the work (its duals are not needed).
-    rounds = None if early_exit else flow_augmentation_bound(n, m)
+    # The bound holds on every device: the CPU's early exit stops sooner, and a non-finite cost
+    # (check_finite=False with a NaN target) can never keep the loop running (NaN propagates
+    # into the value through the plan-cost product).
+    rounds = flow_augmentation_bound(n, m)
     # CUDA, eagerly: the fixed schedule still stops a few rounds after every problem is done
     # (polled, never waiting); typical batches need far fewer rounds than the bound
-    stop = None if rounds is None else _make_stop(rounds, device)
+    stop = None if early_exit else _make_stop(rounds, device)
     # Bellman-Ford sweeps: a simple path visits at most min(n, m) columns, so min(n, m) + 1
     # sweeps settle every distance; one more leaves the last sweep without change.
     steps = min(n, m) + 2
     work = [reduced, flow, excess, deficit]
     pid: Tensor | None = None  # problems of the working set (None: all, in order)
     done_rounds = 0
-    while rounds is None or done_rounds < rounds:
+    while done_rounds < rounds:
         done_rounds += 1
         r, f, e, d = work
         src = e > 0.5
@@ -661,6 +664,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
             stop.post((e > 0.5).any())
             if stop.done():
                 break
+    if pid is not None:  # CPU, stopped by the bound (non-finite costs): store the working set
+        flow.index_copy_(2, pid, work[1])
     return (flow / total).permute(2, 0, 1)
 
 
