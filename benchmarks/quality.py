@@ -825,6 +825,30 @@ def _fmt_ci(c: Any, relative: bool) -> str:
     return f"{c.mean_diff:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]"
 
 
+def _compare_cells(base: dict[int, dict[str, float]], other: dict[int, dict[str, float]],
+                   metrics: tuple[str, ...]) -> tuple[list[Any], list[float], list[str]]:
+    """Per metric, ``other`` minus ``base`` on the seeds both have: the paired comparisons
+    (``None`` without pairs), their Holm-adjusted p-values and the table cells (interval in %
+    of ``base``'s mean, then ``p (adjusted p)``)."""
+    from benchmarks.paired import holm, paired_comparison
+
+    comps = []
+    for metric in metrics:
+        seeds = sorted(s for s in other if s in base and metric in other[s]
+                       and metric in base[s])
+        comps.append(paired_comparison([base[s][metric] for s in seeds],
+                                       [other[s][metric] for s in seeds]) if seeds else None)
+    adjusted = holm([c.p_value if c is not None else math.nan for c in comps])
+    cells: list[str] = []
+    for c, p_adj in zip(comps, adjusted):
+        if c is None:
+            cells += ["-", "-"]
+            continue
+        cells.append(_fmt_ci(c, relative=True))
+        cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
+    return comps, adjusted, cells
+
+
 def verdict(comps: list[Any], adjusted: list[float], alpha: float = 0.05) -> str:
     """The declared decision rule on one dataset's primary metrics (all lower is better).
 
@@ -867,7 +891,6 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
         >>> print(study_table("sweep", recs).splitlines()[6])
         | v | 3 | -8.3% [-22.7, +6.0] | 0.13 (0.259) | -8.3% [-22.7, +6.0] | 0.13 (0.259) |
     """
-    from benchmarks.paired import holm, paired_comparison
 
     grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for key, record in records.items():
@@ -894,21 +917,8 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
             if variant == "baseline":
                 continue
             cells = []
-            comps = []
-            for metric in primary:
-                seeds = sorted(s for s in by_seed if s in base and metric in by_seed[s]
-                               and metric in base[s])
-                comps.append(paired_comparison([base[s][metric] for s in seeds],
-                                               [by_seed[s][metric] for s in seeds])
-                             if seeds else None)
-            adjusted = holm([c.p_value if c is not None else math.nan for c in comps])
+            comps, adjusted, cells = _compare_cells(base, by_seed, primary)
             n = max((c.n for c in comps if c is not None), default=0)
-            for c, p_adj in zip(comps, adjusted):
-                if c is None:
-                    cells += ["-", "-"]
-                    continue
-                cells.append(_fmt_ci(c, relative=True))
-                cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
             if judged:
                 cells.append(verdict(comps, adjusted))
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
@@ -945,7 +955,6 @@ def head_to_head(records: dict[str, dict[str, Any]], pairs: tuple[tuple[str, str
         >>> print(head_to_head(recs, (("b", "a"),)).splitlines()[-1][:48])
         | b - a | 3 | +8.3% [-6.0, +22.7] | 0.13 (0.259)
     """
-    from benchmarks.paired import holm, paired_comparison
 
     grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
     for key, record in records.items():
@@ -957,19 +966,7 @@ def head_to_head(records: dict[str, dict[str, Any]], pairs: tuple[tuple[str, str
         rows = []
         for variant, other in pairs:
             a, b = variants.get(variant, {}), variants.get(other, {})
-            comps = []
-            for metric in primary:
-                seeds = sorted(s for s in a if s in b and metric in a[s] and metric in b[s])
-                comps.append(paired_comparison([b[s][metric] for s in seeds],
-                                               [a[s][metric] for s in seeds]) if seeds else None)
-            adjusted = holm([c.p_value if c is not None else math.nan for c in comps])
-            cells = []
-            for c, p_adj in zip(comps, adjusted):
-                if c is None:
-                    cells += ["-", "-"]
-                    continue
-                cells.append(_fmt_ci(c, relative=True))
-                cells.append("-" if math.isnan(c.p_value) else f"{c.p_value:.3g} ({p_adj:.3g})")
+            comps, _, cells = _compare_cells(b, a, primary)
             real = [c for c in comps if c is not None and not math.isnan(c.ci_low)]
             worse, better = any(c.ci_low > 0 for c in real), any(c.ci_high < 0 for c in real)
             shown = ("both" if worse and better else "shown worse" if worse
