@@ -531,6 +531,10 @@ class StudyRun:
     def key(self) -> str:
         return f"{self.dataset}/{self.variant}/{self.seed}"
 
+    def stored_spec(self) -> dict[str, Any]:
+        """``spec`` as it reads back from the study file (tuples become lists)."""
+        return json.loads(json.dumps(self.spec))
+
 
 def _train_and_evaluate(config: Any, preset: Preset, dataset: str, progress: bool,
                         data: Any = None) -> dict[str, Any]:
@@ -732,7 +736,7 @@ def pending_runs(runs: list[StudyRun], stored: dict[str, Any]) -> list[StudyRun]
         record = stored.get(run.key)
         if record is None:
             todo.append(run)
-        elif record["spec"] != json.loads(json.dumps(run.spec)):
+        elif record["spec"] != run.stored_spec():
             raise SystemExit(
                 f"{run.stage}/{run.key} is stored with another spec:\n stored  {record['spec']}\n"
                 f" current {run.spec}\nrename the variant or delete that record to rerun it")
@@ -745,7 +749,6 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
     after ``max_minutes``. Returns the number of runs made."""
     started = time.perf_counter()
     commit = _git_commit()  # of the code that runs, read before the first run
-    study = load_study(path)
     done = 0
     stages = {r.stage for r in runs}
     if any(STAGES[st].reuse for st in stages if st in STAGES):
@@ -753,6 +756,8 @@ def run_study(runs: list[StudyRun], path: Path, max_minutes: float | None = None
             study = load_study(path)
             if reuse_runs(runs, study):
                 save_study(path, study)
+    else:
+        study = load_study(path)
     todo = [r for stage in stages for r in pending_runs(
         [r for r in runs if r.stage == stage], study.get(stage, {}))]
     todo.sort(key=runs.index)
@@ -804,7 +809,7 @@ def reuse_runs(runs: list[StudyRun], study: dict[str, Any]) -> list[str]:
         stage = STAGES.get(run.stage)
         if stage is None or run.key in study.get(run.stage, {}):
             continue
-        spec = json.loads(json.dumps(run.spec))
+        spec = run.stored_spec()
         for source in stage.reuse:
             record = study.get(source, {}).get(run.key)
             if record is not None and record["spec"] == spec:
@@ -823,6 +828,16 @@ def _fmt_ci(c: Any, relative: bool) -> str:
     if math.isnan(c.ci_low):
         return f"{c.mean_diff:+.4g}"
     return f"{c.mean_diff:+.4g} [{c.ci_low:+.4g}, {c.ci_high:+.4g}]"
+
+
+def _group_records(records: dict[str, dict[str, Any]]
+                   ) -> dict[str, dict[str, dict[int, dict[str, float]]]]:
+    """``{dataset: {variant: {seed: metrics}}}`` from ``{dataset/variant/seed: record}``."""
+    grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    for key, record in records.items():
+        dataset, variant, seed = key.rsplit("/", 2)
+        grouped.setdefault(dataset, {}).setdefault(variant, {})[int(seed)] = record["metrics"]
+    return grouped
 
 
 def _compare_cells(base: dict[int, dict[str, float]], other: dict[int, dict[str, float]],
@@ -892,10 +907,7 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
         | v | 3 | -8.3% [-22.7, +6.0] | 0.13 (0.259) | -8.3% [-22.7, +6.0] | 0.13 (0.259) |
     """
 
-    grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
-    for key, record in records.items():
-        dataset, variant, seed = key.rsplit("/", 2)
-        grouped.setdefault(dataset, {}).setdefault(variant, {})[int(seed)] = record["metrics"]
+    grouped = _group_records(records)
     lines: list[str] = []
     declared = list(study_variants())
     for dataset, unordered in grouped.items():
@@ -956,10 +968,7 @@ def head_to_head(records: dict[str, dict[str, Any]], pairs: tuple[tuple[str, str
         | b - a | 3 | +8.3% [-6.0, +22.7] | 0.13 (0.259)
     """
 
-    grouped: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
-    for key, record in records.items():
-        dataset, variant, seed = key.rsplit("/", 2)
-        grouped.setdefault(dataset, {}).setdefault(variant, {})[int(seed)] = record["metrics"]
+    grouped = _group_records(records)
     lines: list[str] = []
     for dataset, variants in grouped.items():
         primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)

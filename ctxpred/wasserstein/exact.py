@@ -47,6 +47,7 @@ gradient on every path.
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Literal
 
@@ -451,7 +452,7 @@ class _PolledStop:
 
     def __init__(self, rounds: int) -> None:
         self.flags = torch.ones(rounds, dtype=torch.bool, pin_memory=True)
-        self.events: list[tuple[int, torch.cuda.Event]] = []
+        self.events: collections.deque[tuple[int, torch.cuda.Event]] = collections.deque()
         self.posted = 0
 
     @staticmethod
@@ -470,7 +471,7 @@ class _PolledStop:
     def done(self) -> bool:
         """``True`` once a completed round reported no work left (never waits)."""
         while self.events and self.events[0][1].query():
-            index, _ = self.events.pop(0)
+            index, _ = self.events.popleft()
             if not bool(self.flags[index]):
                 return True
         return False
@@ -921,8 +922,9 @@ def exact_wasserstein(
             weights fail a device-side assert). ``"assignment"``: batched subset DP / Hungarian
             on the device, for uniform weights on supports of equal size (e.g. predicted samples
             masked like their targets, ``match_mask=True``); the fastest fixed schedule on
-            accelerators. ``"flow"``: the device min-cost flow (:func:`transport_plan`) for
-            uniform weights on any supports. ``"transport"``: POT ``ot.emd`` per problem on the
+            accelerators. ``"flow"``: the device min-cost flow (:func:`transport_plan`; the
+            sorted coupling :func:`monotone_plan` for 1-D points) for uniform weights on any
+            supports. ``"transport"``: POT ``ot.emd`` per problem on the
             host, any weights. A solver given weights it cannot handle raises
             :class:`~ctxpred.errors.ValueRangeError` (CPU, or ``check_finite=True``) or fails a
             device-side assert (accelerators: the error surfaces at the next synchronization).
