@@ -150,6 +150,58 @@ def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
             assert cost[b, rows, got].sum().item() == pytest.approx(sub[r, c].sum(), abs=1e-9)
 
 
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_assignment_subset_dp_chunks_match_one_chunk(n, masked, monkeypatch):
+    """CPU chunking of the subset DP (ragged last chunk, one shared table): every problem gets the
+    matching it gets in a single chunk. A misaligned chunk offset would hand some problems another
+    problem's costs."""
+    from ctxpred.wasserstein import exact
+
+    g = torch.Generator().manual_seed(10 * n + masked)
+    cost = torch.rand(43, n, n, generator=g)
+    cost[:8] = (4 * cost[:8]).round()  # ties
+    row_valid = torch.rand(43, n, generator=g) < (0.7 if masked else 2.0)
+    col_valid = torch.zeros(43, n, dtype=torch.bool)
+    for b in range(43):
+        col_valid[b, torch.randperm(n, generator=g)[: int(row_valid[b].sum())]] = True
+    whole = assignment(cost, row_valid, col_valid)
+    monkeypatch.setattr(exact, "_DP_CHUNK_ELEMENTS", 5 << n)  # chunks of 5 problems
+    chunked = assignment(cost, row_valid, col_valid)
+    value = (cost.gather(2, chunked.clamp_min(0).unsqueeze(-1)).squeeze(-1) * row_valid).sum(1)
+    want = (cost.gather(2, whole.clamp_min(0).unsqueeze(-1)).squeeze(-1) * row_valid).sum(1)
+    torch.testing.assert_close(value, want, rtol=0, atol=0)
+    assert ((chunked >= 0) == row_valid).all()
+    for b in range(43):  # a matching: distinct valid columns
+        got = chunked[b, row_valid[b]]
+        assert col_valid[b, got].all() and got.unique().numel() == got.numel()
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_exact_chunked_cost_and_value_match_pot(p, monkeypatch):
+    """CPU chunking of the centered matching cost and of the matched value: values equal POT's
+    ``ot.emd2`` per problem and the gradient equals the unchunked one (ragged last chunk)."""
+    from ctxpred.wasserstein import exact
+
+    x, y = clouds(3, 37, 6, 6, 5, torch.float32)
+    x = x + 1e3  # far from the origin: the chunks must center on their own problems' means
+    y = y + 1e3
+    x.requires_grad_(True)
+    w = torch.ones(37, 6)
+    w[::3, 4:] = 0.0  # a third of the problems masked like their targets (match_mask=True)
+    (g_whole,) = torch.autograd.grad(exact_wasserstein(x, y, w, w, p=p).sum(), x)
+    monkeypatch.setattr(exact, "_COST_CHUNK_ELEMENTS", 4 * 6 * 5)  # chunks of 4 problems
+    value = exact_wasserstein(x, y, w, w, p=p)
+    (g_chunked,) = torch.autograd.grad(value.sum(), x)
+    xd, yd = x.detach().double(), y.detach().double()
+    marginals = (w.double() / w.sum(1, keepdim=True)).numpy()
+    want = torch.tensor([
+        ot.emd2(marginals[k], marginals[k], (torch.cdist(xd[k], yd[k]) ** p).numpy())
+        for k in range(37)], dtype=torch.float64)
+    torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-6, atol=1e-6)
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)

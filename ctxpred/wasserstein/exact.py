@@ -117,14 +117,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     if n == 0:
         return torch.empty(bsz, 0, dtype=torch.long, device=device)
     if n <= _DP_MAX_N:
-        # chunks keep the (2^n, chunk) table cache-resident on CPUs
-        chunk = max(1, _DP_CHUNK_ELEMENTS >> n) if device.type == "cpu" else bsz
-        parts = [
-            _assignment_subset_dp(cost[i : i + chunk], row_valid[i : i + chunk],
-                                  col_valid[i : i + chunk])
-            for i in range(0, bsz, chunk)
-        ]
-        return torch.cat(parts) if len(parts) != 1 else parts[0]
+        return _assignment_subset_dp(cost, row_valid, col_valid)
     # Crouse's shortest augmenting path (the algorithm of scipy's linear_sum_assignment), one
     # row per phase, every problem at once. Duals u (rows) and v (columns) change only at the
     # end of a phase; inside it, Dijkstra keeps the path costs `spc` of the unvisited columns.
@@ -259,36 +252,33 @@ _DP_CHUNK_ELEMENTS = 1 << 19  # DP table entries per chunk on CPU (2 MiB of floa
 _DP_MAX_N = 8  # subset DP up to n = 8: n 2^(n-1) = 1024 candidate sums per problem
 
 
-def _subset_levels(n: int) -> list[tuple[list[int], list[list[int]], list[list[int]]]]:
-    """For k = 1..n: the masks with k bits, and for each its (predecessor mask, column) pairs."""
+def _subset_levels(n: int) -> list[tuple[list[int], list[int]]]:
+    """For k = 1..n, grouped by column j = 0..n-1: every mask with k bits that holds j, and that
+    mask without j -- the pairs ``(predecessors, targets)`` of the DP's level ``k``, column-major
+    (each column's group has ``C(n-1, k-1)`` entries)."""
     levels = []
     for k in range(1, n + 1):
-        masks, preds, cols = [], [], []
-        for mask in range(1 << n):
-            if bin(mask).count("1") != k:
-                continue
-            bits = [j for j in range(n) if mask >> j & 1]
-            masks.append(mask)
-            preds.append([mask ^ (1 << j) for j in bits])
-            cols.append(bits)
-        levels.append((masks, preds, cols))
+        preds, targets = [], []
+        for j in range(n):
+            for mask in range(1 << n):
+                if mask >> j & 1 and bin(mask).count("1") == k:
+                    preds.append(mask ^ (1 << j))
+                    targets.append(mask)
+        levels.append((preds, targets))
     return levels
 
 
-_TABLES: dict[tuple[int, str], list[tuple[Tensor, Tensor, Tensor]]] = {}
+_TABLES: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
 
 
-def _subset_tables(n: int, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """:func:`_subset_levels` as index tensors ``(masks, flat predecessors, flat columns)`` on
-    ``device``, built once per ``(n, device)`` (no host-to-device copy per call)."""
+def _subset_tables(n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_subset_levels` as index tensors ``(predecessors, targets)`` on ``device``, built
+    once per ``(n, device)`` (no host-to-device copy per call)."""
     key = (n, str(device))
     tables = _TABLES.get(key)
     if tables is None:
-        tables = [
-            (torch.tensor(masks, device=device), torch.tensor(preds, device=device).flatten(),
-             torch.tensor(cols, device=device).flatten())
-            for masks, preds, cols in _subset_levels(n)
-        ]
+        tables = [(torch.tensor(preds, device=device), torch.tensor(targets, device=device))
+                  for preds, targets in _subset_levels(n)]
         _TABLES[key] = tables
     return tables
 
@@ -305,41 +295,60 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     With valid rows and columns moved first, :math:`D_k(S) = \min_{j \in S} D_{k-1}(S
     \setminus j) + C_{k-1, j}` over sets :math:`S` of ``k`` columns; the optimum of a problem
     with ``k`` valid rows is :math:`D_k(\{0..k-1\})`, and a backward pass recovers the matching.
-    ``n`` levels of vectorized work over ``(2^n, B)`` — no data-dependent steps at all.
+    ``n`` levels of vectorized work over ``(2^n, B)`` -- no data-dependent steps at all. On a CPU
+    the forward levels go in chunks of problems whose ``(2^n, chunk)`` slice of the table stays
+    cache-resident (sharing one candidate buffer: fresh memory costs more than the arithmetic);
+    the backward pass reads the table once for the whole batch.
     """
     bsz, n, _ = cost.shape
     device, big = cost.device, _BIG
-    order_r = torch.argsort((~row_valid).to(torch.int8), dim=1, stable=True)
-    order_c = torch.argsort((~col_valid).to(torch.int8), dim=1, stable=True)
-    ordered = cost.gather(1, order_r.unsqueeze(-1).expand(bsz, n, n))
-    ordered = ordered.gather(2, order_c.unsqueeze(1).expand(bsz, n, n))
-    cost_t = ordered.permute(1, 2, 0).contiguous()  # (row, column, problem)
     count = row_valid.sum(1)  # (B,) valid rows (= valid columns)
-    dp = cost.new_full((1 << n, bsz), big)
-    dp[0] = 0.0
-    for k, (masks, pred, col) in enumerate(_subset_tables(n, device), start=1):
-        size = masks.shape[0]
-        cand = dp.index_select(0, pred).view(size, k, bsz)
-        cand += cost_t[k - 1].index_select(0, col).view(size, k, bsz)
-        dp.index_copy_(0, masks, cand.amin(1))
-    # Backward pass: for row k-1, the column whose removal explains D_k(S).
-    mask = (1 << count) - 1  # (B,)
+    # CPU eager: a batch without masks (the usual case) skips the reordering, read for free
+    ordered = not (host_checks_free(device) and bool(count.eq(n).all()))
+    if ordered:
+        order_r = torch.argsort((~row_valid).to(torch.int8), dim=1, stable=True)
+        order_c = torch.argsort((~col_valid).to(torch.int8), dim=1, stable=True)
+        flat = (order_r.unsqueeze(-1) * n + order_c.unsqueeze(1)).view(bsz, n * n)
+        cost = cost.reshape(bsz, n * n).gather(1, flat).view(bsz, n, n)
+    cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
+    chunk = min(bsz, max(1, _DP_CHUNK_ELEMENTS >> n)) if device.type == "cpu" else bsz
+    tables = _subset_tables(n, device)
+    table = cost.new_empty((1 << n) * chunk)  # one DP table and one candidate buffer, reused
+    cand = cost.new_empty(max(pred.numel() for pred, _ in tables) * chunk)
     bits = 1 << torch.arange(n, device=device).unsqueeze(1)  # (n, 1)
     columns_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
     chosen = torch.full((n, bsz), -1, dtype=torch.long, device=device)
-    for level in range(n, 0, -1):
-        active = count >= level
-        in_mask = (mask.unsqueeze(0) & bits) != 0  # (n, B)
-        prev = torch.where(in_mask, mask.unsqueeze(0) ^ bits, 0)
-        value = dp.gather(0, prev) + cost_t[level - 1]
-        value = value.masked_fill_(~in_mask, big)
-        low = value.amin(0, keepdim=True)
-        key = torch.add(columns_f, torch.sign(value - low), alpha=n)
-        j = key.amin(0).long()  # (B,)
-        chosen[level - 1] = torch.where(active, j, -1)
-        mask = torch.where(active, mask ^ (1 << j), mask)
+    for lo in range(0, bsz, chunk):
+        width = min(chunk, bsz - lo)
+        part = cost_t[:, :, lo : lo + width]
+        dp = table[: (1 << n) * width].view(1 << n, width).fill_(big)
+        dp[0] = 0.0
+        for k, (pred, target) in enumerate(tables, start=1):
+            # column-major candidates: D_{k-1}(S \ j) + C_{k-1, j}, a broadcast add per column
+            # j; each set S then takes the minimum of its k candidates (a scatter-min, no gather)
+            sums = torch.index_select(dp, 0, pred, out=cand[: pred.numel() * width].view(-1, width))
+            sums.view(n, -1, width).add_(part[k - 1].unsqueeze(1))
+            dp.scatter_reduce_(0, target.unsqueeze(1).expand(-1, width), sums, "amin")
+        # Backward pass: for row k-1, the column whose removal explains D_k(S) (the sums are
+        # recomputed exactly as in the forward pass, so the minimum is met exactly).
+        flat = dp.view(-1)
+        offset = torch.arange(width, device=device)
+        part_count = count[lo : lo + width]
+        mask = (1 << part_count) - 1  # (W,) the set of the valid columns
+        for level in range(n, 0, -1):
+            active = part_count >= level
+            prev = mask ^ bits  # (n, W): S without column j where j is in S (then prev < S)
+            value = flat.take(prev * width + offset).add_(part[level - 1])
+            value = torch.where(prev < mask, value, big)
+            low = value.amin(0, keepdim=True)
+            key = torch.add(columns_f, torch.sign(value - low), alpha=n)
+            j = key.amin(0).long()  # (W,)
+            chosen[level - 1, lo : lo + width] = torch.where(active, j, -1)
+            mask = torch.where(active, mask ^ (1 << j), mask)
+    chosen = chosen.t().contiguous()  # (B, n) permuted column per permuted row
+    if not ordered:
+        return chosen
     # Back to the caller's row and column order.
-    chosen = chosen.t()  # (B, n) permuted column per permuted row
     original_col = order_c.gather(1, chosen.clamp_min(0))
     result = torch.full((bsz, n), -1, dtype=torch.long, device=device)
     result.scatter_(1, order_r, torch.where(chosen >= 0, original_col, -1))
@@ -818,11 +827,7 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         y = torch.cat([y, y.new_zeros(bsz, n - n_y, d)], 1)
         b = torch.cat([b, b.new_zeros(bsz, n - n_y)], 1)
     with torch.no_grad():
-        xc, yc = center(x.detach(), y.detach(), b)
-        # p = 2: |x_i|^2 and |y_j|^2 are row and column constants, which leave the optimal
-        # matching unchanged -- only -2 <x_i, y_j> is needed (the value comes from differences)
-        cost = (torch.bmm(xc, yc.transpose(1, 2)).mul_(-2.0) if p == 2
-                else pairwise_cost(xc, yc, p))
+        cost = _matching_cost(x.detach(), y.detach(), b, p)
         match = assignment(cost, a > 0, b > 0)
     index = match.clamp_min(0)
     if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
@@ -830,30 +835,73 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
     return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1)
 
 
+_COST_CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)
+
+
+def _matching_cost(x: Tensor, y: Tensor, b: Tensor, p: float) -> Tensor:
+    r"""``(B, n, n)`` cost whose optimal matching is the transport plan's, from centered points.
+
+    Both sets are centered on the ``b``-weighted mean of ``y`` first (far-off clouds lose no
+    precision). For ``p = 2`` only :math:`-2 \langle x_i, y_j \rangle` is kept: :math:`|x_i|^2`
+    and :math:`|y_j|^2` are row and column constants, which leave the matching unchanged (the
+    value comes from the matched differences, not from here). On a CPU the problems go in chunks
+    of about :data:`_COST_CHUNK_ELEMENTS` numbers, so the centered copies stay small and reuse
+    the same memory: full-size temporaries cost more in fresh pages than in arithmetic there.
+    """
+    bsz, n, d = x.shape
+    chunk = bsz if x.device.type != "cpu" else max(1, _COST_CHUNK_ELEMENTS // max(1, n * d))
+    if chunk >= bsz:
+        xc, yc = center(x, y, b)
+        return (torch.bmm(xc, yc.transpose(1, 2)).mul_(-2.0) if p == 2
+                else pairwise_cost(xc, yc, p))
+    cost = x.new_empty(bsz, n, y.shape[1])
+    for i in range(0, bsz, chunk):
+        xc, yc = center(x[i : i + chunk], y[i : i + chunk], b[i : i + chunk])
+        if p == 2:
+            torch.bmm(xc, yc.transpose(1, 2), out=cost[i : i + chunk]).mul_(-2.0)
+        else:
+            cost[i : i + chunk] = pairwise_cost(xc, yc, p)
+    return cost
+
+
 def _take_rows(y: Tensor, index: Tensor) -> Tensor:
     """``y[b, index[b, i]]`` for ``y (B, M, D)``, ``index (B, N)`` -> ``(B, N, D)``: whole rows
     by ``index_select`` (about twice as fast on CPUs as ``gather`` with an expanded index)."""
     bsz, m, d = y.shape
     rows = index + torch.arange(bsz, device=index.device).unsqueeze(1) * m
-    return y.reshape(bsz * m, d).index_select(0, rows.view(-1)).view(*index.shape, d)
+    return y.reshape(bsz * m, d).index_select(0, rows.reshape(-1)).view(*index.shape, d)
 
 
 class _MatchedSquaredCost(torch.autograd.Function):
     r""":math:`\sum_i a_i \|x_i - y_{\sigma(i)}\|^2` per problem with a one-pass backward
-    :math:`2 a_i (x_i - y_{\sigma(i)})` (y constant: the usual case, a target)."""
+    :math:`2 a_i (x_i - y_{\sigma(i)})` (y constant: the usual case, a target).
+
+    Nothing of size ``(B, N, D)`` is kept between the passes: the forward goes in chunks of
+    problems on a CPU (small temporaries), the backward gathers :math:`y_{\sigma(i)}` again into
+    the gradient's own memory -- one full-size allocation per call, the gradient itself.
+    """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx, x: Tensor, y: Tensor, index: Tensor, a: Tensor
     ) -> Tensor:
-        diff = x - _take_rows(y, index)
-        ctx.save_for_backward(diff, a)
-        return (a * torch.linalg.vector_norm(diff, dim=-1).square()).sum(-1)
+        bsz, n, d = x.shape
+        chunk = bsz if x.device.type != "cpu" else max(1, _COST_CHUNK_ELEMENTS // max(1, n * d))
+        value = x.new_empty(bsz)
+        for i in range(0, bsz, chunk):
+            diff = _take_rows(y[i : i + chunk], index[i : i + chunk])
+            torch.sub(x[i : i + chunk], diff, out=diff)
+            sq = torch.linalg.vector_norm(diff, dim=-1).square_()
+            torch.sum(sq.mul_(a[i : i + chunk]), -1, out=value[i : i + chunk])
+        ctx.save_for_backward(x, y, index, a)
+        return value
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
-        diff, a = ctx.saved_tensors
-        return diff * (2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1), None, None, None
+        x, y, index, a = ctx.saved_tensors
+        out = _take_rows(y, index)
+        torch.sub(x, out, out=out)
+        return out.mul_((2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1)), None, None, None
 
 
 def _pot_plans(prep: Prepared, p: float) -> Tensor:
