@@ -125,7 +125,8 @@ def test_exact_transport_matches_linprog(seed, n, m, d):
 
 @pytest.mark.parametrize("n", [3, 8, 13])
 def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
-    """Both exact cores (subset DP for n <= 8, shortest augmenting path above) vs scipy."""
+    """Both exact cores (subset DP for n <= 8, shortest augmenting path above, the latter with
+    the CPU's column-reduction start and with the accelerators' fixed schedule) vs scipy."""
     from scipy.optimize import linear_sum_assignment
 
     from ctxpred.wasserstein import exact
@@ -137,8 +138,10 @@ def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
     col_valid = torch.zeros(40, n, dtype=torch.bool)
     for b in range(40):
         col_valid[b, torch.randperm(n, generator=g)[: int(row_valid[b].sum())]] = True
-    for limit in (8, 0):  # 0: force the Hungarian path
+    for limit, fixed in ((8, False), (0, False), (0, True)):  # 0: force the Hungarian path
         monkeypatch.setattr(exact, "_DP_MAX_N", limit)
+        # fixed: the accelerators' schedule (no CPU start, no early exit)
+        monkeypatch.setattr(exact, "host_checks_free", lambda device, fixed=fixed: not fixed)
         match = assignment(cost, row_valid, col_valid)
         for b in range(40):
             rows, cols = row_valid[b].nonzero()[:, 0], col_valid[b].nonzero()[:, 0]

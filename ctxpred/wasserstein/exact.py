@@ -125,13 +125,9 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
     row_valid, col_valid = row_valid.t(), col_valid.t()
     u = cost.new_zeros(n, bsz)
-    v = cost.new_zeros(n, bsz)
-    row4col = torch.full((n, bsz), -1, dtype=torch.long, device=device)
-    col4row = torch.full((n, bsz), -1, dtype=torch.long, device=device)
     blocked = ~col_valid
     big = _BIG
     rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
-    row4col_f = cost.new_full((n, bsz), -1.0)  # row4col as float, for the inner loop
     # On a CPU "is every problem done?" costs nothing (there is no device queue to drain), so
     # loops stop early there; on accelerators they run their fixed, data-independent count.
     early_exit = host_checks_free(device)
@@ -141,8 +137,33 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     path_f = cost.new_zeros(n, bsz)
     # row r of problem b is cost_t[r, :, b]: a flat take() with these offsets fetches rows
     column_offsets = torch.arange(n * bsz, device=device).view(n, bsz)
+    # CPU start (column reduction, as in Jonker-Volgenant): v_j = min over valid rows of C_ij
+    # keeps the duals feasible (u = 0); each row that is the first minimum of some columns takes
+    # the first of them (a tight arc). About 1 - 1/e of the rows start matched and skip their
+    # phase; the others' paths may then pass every matched row. The fixed schedule of the
+    # accelerators starts empty instead (phase r needs at most r + 1 steps: n(n+1)/2 in all).
+    v = cost.new_zeros(n, bsz)
+    col4row = torch.full((n, bsz), -1, dtype=torch.long, device=device)
+    row4col = torch.full((n, bsz), -1, dtype=torch.long, device=device)
+    if early_exit:
+        col_cost = torch.where(row_valid.unsqueeze(1), cost_t, big)  # (row, column, problem)
+        v = torch.where(col_valid, col_cost.amin(0), 0.0)
+        _, arg_row = _argmin_dim(col_cost, 0, rows_f.unsqueeze(1))  # (column, problem), float
+        owns = (arg_row.unsqueeze(0) == rows_f.unsqueeze(1)) & col_valid.unsqueeze(0)
+        first = torch.where(owns, rows_f.view(1, n, 1), float(n)).amin(1)  # (row, problem)
+        taken = (first < n) & row_valid
+        col4row = torch.where(taken, first.long(), -1)
+        owner = torch.full((n + 1, bsz), -1, dtype=torch.long, device=device)  # n: a dummy
+        owner.scatter_(0, torch.where(taken, col4row, n),
+                       torch.arange(n, device=device).unsqueeze(1).expand(n, bsz))
+        row4col = owner[:n].contiguous()
+    row4col_f = row4col.to(cost.dtype)  # row4col as float, for the inner loop
+
+    def steps(r: int) -> int:  # phase r: at most one step per matched row, plus the free one
+        return n if early_exit else r + 1
+
     for r in range(n):
-        valid = row_valid[r : r + 1]
+        valid = row_valid[r : r + 1] & (col4row[r : r + 1] < 0)  # free rows search a path
         # Working set: the problems still searching (CPU: compacted as they finish).
         pid = valid[0].nonzero().squeeze(1) if early_exit else None
         width = bsz if pid is None else pid.numel()
@@ -173,7 +194,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
 
         # Phase r: at most r + 1 Dijkstra steps (one per matched column, plus the free one).
         # Float arithmetic only (0/1 masks, indices as floats): CPU bool kernels are slow here.
-        for step in range(r + 1):
+        for step in range(steps(r)):
             if width == 0:
                 break
             offset = min_val - u_i + (1.0 - act) * big
@@ -235,7 +256,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         # Augment along the alternating path from the sink back to row r.
         going = valid & (sink >= 0)
         j = sink.clamp_min(0)
-        for step in range(r + 1):
+        for step in range(steps(r)):
             if early_exit and step > 0 and not bool(going.any()):
                 break
             i = path.gather(0, j)
