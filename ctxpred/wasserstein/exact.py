@@ -135,8 +135,11 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     spc_at_visit = cost.new_zeros(n, bsz)
     visited_f = cost.new_zeros(n, bsz)
     path_f = cost.new_zeros(n, bsz)
-    # row r of problem b is cost_t[r, :, b]: a flat take() with these offsets fetches rows
+    # row r of problem b is cost_t[r, :, b]; the flat offsets of (n, B) tensors: row 0 is the
+    # problem index. Inside a phase rows are fetched whole from the (B n, n) layout instead (one
+    # contiguous read per problem, then transposed): several times faster than a strided take.
     column_offsets = torch.arange(n * bsz, device=device).view(n, bsz)
+    cost_rows = cost.reshape(bsz * n, n)
     # CPU start (column reduction, as in Jonker-Volgenant): v_j = min over valid rows of C_ij
     # keeps the duals feasible (u = 0); each row that is the first minimum of some columns takes
     # the first of them (a tight arc). About 1 - 1/e of the rows start matched and skip their
@@ -201,7 +204,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             if step == 0:
                 row = first_row
             else:
-                row = cost_t.take(offsets + row_l * (n * bsz))
+                row = cost_rows.index_select(0, offsets[0] * n + row_l[0]).t().contiguous()
             reduced = row + neg_v + offset
             better = torch.sign(spc - reduced).clamp_min_(0.0)
             torch.minimum(spc, reduced, out=spc)
@@ -253,19 +256,28 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         u.scatter_add_(0, row4col.clamp_min(0), assigned * shift)
         u[r : r + 1] += valid.to(cost.dtype) * min_val
         v = v - shift
-        # Augment along the alternating path from the sink back to row r.
+        # Augment along the alternating path from the sink back to row r (CPU: only the
+        # problems that found one, copied out and back).
         going = valid & (sink >= 0)
         j = sink.clamp_min(0)
+        sel = going[0].nonzero().squeeze(1) if early_exit else None
+        a_path, a_r4c, a_c4r = (path, row4col, col4row) if sel is None else (
+            t.index_select(1, sel) for t in (path, row4col, col4row))
+        if sel is not None:
+            going, j = going.index_select(1, sel), j.index_select(1, sel)
         for step in range(steps(r)):
             if early_exit and step > 0 and not bool(going.any()):
                 break
-            i = path.gather(0, j)
-            row4col.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)))
-            row4col_f.scatter_(0, j, torch.where(going, i, row4col.gather(0, j)).to(cost.dtype))
-            previous = col4row.gather(0, i)
-            col4row.scatter_(0, i, torch.where(going, j, previous))
+            i = a_path.gather(0, j)
+            a_r4c.scatter_(0, j, torch.where(going, i, a_r4c.gather(0, j)))
+            previous = a_c4r.gather(0, i)
+            a_c4r.scatter_(0, i, torch.where(going, j, previous))
             going = going & (i != r)
             j = torch.where(going, previous.clamp_min(0), j)
+        if sel is not None:
+            row4col.index_copy_(1, sel, a_r4c)
+            col4row.index_copy_(1, sel, a_c4r)
+        row4col_f = row4col.to(cost.dtype)
     col4row = col4row.t()
     return torch.where(row_valid.t(), col4row, torch.full_like(col4row, -1))
 
