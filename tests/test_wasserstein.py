@@ -181,28 +181,42 @@ def test_assignment_subset_dp_chunks_match_one_chunk(n, masked, monkeypatch):
 
 
 @pytest.mark.parametrize("p", [1, 2])
-def test_exact_chunked_cost_and_value_match_pot(p, monkeypatch):
-    """CPU chunking of the centered matching cost and of the matched value: values equal POT's
-    ``ot.emd2`` per problem and the gradient equals the unchunked one (ragged last chunk)."""
-    from ctxpred.wasserstein import exact
+@pytest.mark.parametrize("supports", ["equal", "unequal", "mixed"])
+def test_exact_chunked_cost_value_and_gradients_match(p, supports, monkeypatch):
+    """CPU chunking of the centered costs, the matched value and the plan gradient (ragged last
+    chunk): values equal POT's ``ot.emd2`` per problem and the gradients in ``x`` and ``y`` equal
+    the unchunked ones -- for the assignment (equal masks), the flow (unequal) and both routed
+    per problem (mixed)."""
+    from ctxpred.wasserstein import _validate
 
     x, y = clouds(3, 37, 6, 6, 5, torch.float32)
-    x = x + 1e3  # far from the origin: the chunks must center on their own problems' means
-    y = y + 1e3
-    x.requires_grad_(True)
-    w = torch.ones(37, 6)
-    w[::3, 4:] = 0.0  # a third of the problems masked like their targets (match_mask=True)
-    (g_whole,) = torch.autograd.grad(exact_wasserstein(x, y, w, w, p=p).sum(), x)
-    monkeypatch.setattr(exact, "_COST_CHUNK_ELEMENTS", 4 * 6 * 5)  # chunks of 4 problems
-    value = exact_wasserstein(x, y, w, w, p=p)
-    (g_chunked,) = torch.autograd.grad(value.sum(), x)
+    x = (x + 1e3).requires_grad_(True)  # far from the origin: each chunk centers on its own
+    y = (y + 1e3).requires_grad_(True)
+    wx, wy = torch.ones(37, 6), torch.ones(37, 6)
+    wx[::3, 4:] = 0.0
+    if supports == "equal":  # masked like their targets (match_mask=True)
+        wy[::3, 4:] = 0.0
+    elif supports == "unequal":
+        wy[:, 5:] = 0.0
+    else:
+        wy[::2, 3:] = 0.0
+
+    def run():
+        value = exact_wasserstein(x, y, wx, wy, p=p)
+        return (value, *torch.autograd.grad((value * torch.arange(37.0)).sum(), (x, y)))
+
+    whole = run()
+    monkeypatch.setattr(_validate, "CHUNK_ELEMENTS", 4 * 6 * 5)  # chunks of 4 problems
+    chunked = run()
     xd, yd = x.detach().double(), y.detach().double()
-    marginals = (w.double() / w.sum(1, keepdim=True)).numpy()
+    ax = (wx.double() / wx.sum(1, keepdim=True)).numpy()
+    ay = (wy.double() / wy.sum(1, keepdim=True)).numpy()
     want = torch.tensor([
-        ot.emd2(marginals[k], marginals[k], (torch.cdist(xd[k], yd[k]) ** p).numpy())
-        for k in range(37)], dtype=torch.float64)
-    torch.testing.assert_close(value.double(), want, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-6, atol=1e-6)
+        ot.emd2(ax[k], ay[k], (torch.cdist(xd[k], yd[k]) ** p).numpy()) for k in range(37)],
+        dtype=torch.float64)
+    torch.testing.assert_close(chunked[0].double(), want, rtol=1e-5, atol=1e-4)
+    for got, expected in zip(chunked, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_assignment_matches_brute_force():

@@ -230,19 +230,24 @@ def _is_compiling() -> bool:
     return bool(check())
 
 
-def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None = None) -> Tensor:
+def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None = None,
+              mean: Tensor | None = None) -> Tensor:
     r""":math:`\sum_{ij} \pi_{ij} \|x_i - y_j\|^p` per problem with the plan ``(B, N, M)`` held
     fixed (the envelope gradient), differentiable in ``x (B, N, D)`` and ``y (B, M, D)``.
 
     For ``p=2`` the value comes from ``cost`` (the centered cost matrix, when given) and the
-    gradient from :math:`2 (r_i x_i - (\pi y)_i)`, one batched matmul, no ``(B, N, M, D)``
-    temporary. For other ``p`` the gradient is 0 (not NaN) where :math:`x_i = y_j`.
+    gradient from :math:`2 (r_i (x_i - c) - (\pi (y - c))_i)`, one batched matmul, no
+    ``(B, N, M, D)`` temporary; ``mean`` ``(B, 1, D)`` is the center :math:`c` when ``x`` and
+    ``y`` are not centered already (then, on a CPU, the gradient goes in chunks of problems and
+    allocates only itself). For other ``p`` the gradient is 0 (not NaN) where :math:`x_i = y_j`.
     """
     plan = plan.contiguous()
     if p == 2:
         if cost is None:
             cost = pairwise_cost(x.detach(), y.detach(), 2.0)
-        return _PlanSquaredCost.apply(plan, cost, x, y)
+        return _PlanSquaredCost.apply(plan, cost, x, y, mean)
+    if mean is not None:
+        x, y = x - mean, y - mean
     sq = pairwise_cost(x, y, 2.0)
     positive = sq > 0
     safe = torch.where(positive, sq, torch.ones_like(sq))
@@ -250,24 +255,61 @@ def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None 
     return (plan * powered).sum((-1, -2))
 
 
+CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)
+
+
+def chunk_size(problems: int, per_problem: int, device: torch.device) -> int:
+    """Problems per chunk: on a CPU about :data:`CHUNK_ELEMENTS` numbers, so temporaries stay
+    cache-resident and reuse memory (fresh full-size temporaries cost more in page faults than in
+    arithmetic there); elsewhere all problems at once (one kernel each)."""
+    if device.type != "cpu":
+        return max(1, problems)
+    return max(1, CHUNK_ELEMENTS // max(1, per_problem))
+
+
+def _plan_gradient(plan: Tensor, a: Tensor, b: Tensor, mean: Tensor | None,
+                   scale: Tensor) -> Tensor:
+    """``scale * (rowsum(plan) * (a - c) - plan @ (b - c))`` for ``plan (B, N, M)``,
+    ``a (B, N, D)``, ``b (B, M, D)``: in chunks, into one output tensor."""
+    bsz = plan.shape[0]
+    out = torch.empty_like(a)
+    chunk = chunk_size(bsz, max(a[0].numel(), b[0].numel()), a.device)
+    for i in range(0, bsz, chunk):
+        part, pa, pb = plan[i : i + chunk], a[i : i + chunk], b[i : i + chunk]
+        if mean is not None:
+            pa, pb = pa - mean[i : i + chunk], pb - mean[i : i + chunk]
+        o = torch.bmm(part, pb, out=out[i : i + chunk])
+        o.neg_().addcmul_(part.sum(-1, keepdim=True), pa).mul_(scale[i : i + chunk])
+    return out
+
+
 class _PlanSquaredCost(torch.autograd.Function):
     """``<plan, C>`` per problem with the envelope gradient of the squared Euclidean cost."""
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, plan: Tensor, cost: Tensor, x: Tensor, y: Tensor
+        ctx: torch.autograd.function.FunctionCtx, plan: Tensor, cost: Tensor, x: Tensor,
+        y: Tensor, mean: Tensor | None
     ) -> Tensor:
-        ctx.save_for_backward(plan, x, y)
+        ctx.save_for_backward(plan, x, y, mean)
         return (plan * cost).sum((-1, -2))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
-        plan, x, y = ctx.saved_tensors
+        plan, x, y, mean = ctx.saved_tensors
         scale = (2.0 * grad).view(-1, 1, 1)
         grad_x = grad_y = None
+        if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable
+            if mean is not None:
+                x, y = x - mean, y - mean
+            if ctx.needs_input_grad[2]:
+                grad_x = scale * (plan.sum(-1).unsqueeze(-1) * x - torch.bmm(plan, y))
+            if ctx.needs_input_grad[3]:
+                plan_t = plan.transpose(1, 2)
+                grad_y = scale * (plan.sum(-2).unsqueeze(-1) * y - torch.bmm(plan_t, x))
+            return None, None, grad_x, grad_y, None
         if ctx.needs_input_grad[2]:
-            grad_x = scale * (plan.sum(-1).unsqueeze(-1) * x - torch.bmm(plan, y))
+            grad_x = _plan_gradient(plan, x, y, mean, scale)
         if ctx.needs_input_grad[3]:
-            plan_t = plan.transpose(1, 2).contiguous()
-            grad_y = scale * (plan.sum(-2).unsqueeze(-1) * y - torch.bmm(plan_t, x))
-        return None, None, grad_x, grad_y
+            grad_y = _plan_gradient(plan.transpose(1, 2), y, x, mean, scale)
+        return None, None, grad_x, grad_y, None

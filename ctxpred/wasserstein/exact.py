@@ -59,6 +59,7 @@ from ctxpred.wasserstein._validate import (
     Prepared,
     _is_compiling,
     center,
+    chunk_size,
     float32_core,
     host_checks_free,
     pairwise_cost,
@@ -764,10 +765,14 @@ def monotone_plan(x: Tensor, y: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     return overlap.to(dtype) / total.to(dtype)
 
 
-def _uniform_plan(cost: Tensor, x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _uniform_plan(cost: Tensor, x: Tensor, y: Tensor, rows: Tensor, cols: Tensor,
+                  index: Tensor | None = None) -> Tensor:
     """The optimal plan of uniform weights on any supports: :func:`monotone_plan` for 1-D
-    points (``C = 1``, e.g. grayscale pixel targets), else :func:`transport_plan`."""
+    points (``C = 1``, e.g. grayscale pixel targets), else :func:`transport_plan`. ``index``:
+    the problems of ``x`` and ``y`` that ``cost``, ``rows`` and ``cols`` hold (default all)."""
     if x.shape[-1] == 1:
+        if index is not None:
+            x, y = x[index], y[index]
         return monotone_plan(x, y, rows, cols).to(cost.dtype)
     return transport_plan(cost, rows, cols)
 
@@ -806,18 +811,18 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
-    xc, yc = center(x, y, b)
     with torch.no_grad():
-        cost = pairwise_cost(xc.detach(), yc.detach(), p)
+        cost = _centered_cost(x.detach(), y.detach(), b, p)
         plan = torch.zeros_like(cost)
         (assign, _), (flow, _), (general, _) = groups
         if assign.numel():
             plan[assign] = _assignment_plan(cost[assign], a[assign], b[assign])
         if flow.numel():
-            plan[flow] = _uniform_plan(cost[flow], xc[flow], yc[flow], a[flow] > 0, b[flow] > 0)
+            plan[flow] = _uniform_plan(cost[flow], x.detach(), y.detach(), a[flow] > 0,
+                                       b[flow] > 0, flow)
         if general.numel():
             plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
-    return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, _mean(y, b))
 
 
 def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -841,11 +846,10 @@ def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def _solve_flow(prep: Prepared, p: float) -> Tensor:
     """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports."""
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
-    xc, yc = center(x, y, b)
     with torch.no_grad():
-        cost = pairwise_cost(xc.detach(), yc.detach(), p)
-        plan = _uniform_plan(cost, xc, yc, a > 0, b > 0)
-    return plan_cost(plan, xc, yc, p, cost if p == 2 else None)
+        cost = _centered_cost(x.detach(), y.detach(), b, p)
+        plan = _uniform_plan(cost, x.detach(), y.detach(), a > 0, b > 0)
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, _mean(y, b))
 
 
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
@@ -860,7 +864,7 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         y = torch.cat([y, y.new_zeros(bsz, n - n_y, d)], 1)
         b = torch.cat([b, b.new_zeros(bsz, n - n_y)], 1)
     with torch.no_grad():
-        cost = _matching_cost(x.detach(), y.detach(), b, p)
+        cost = _centered_cost(x.detach(), y.detach(), b, p, matching_only=True)
         match = assignment(cost, a > 0, b > 0)
     index = match.clamp_min(0)
     if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
@@ -868,33 +872,34 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
     return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1)
 
 
-_COST_CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)
+def _centered_cost(x: Tensor, y: Tensor, b: Tensor, p: float, matching_only: bool = False
+                   ) -> Tensor:
+    r"""``(B, N, M)`` cost matrix :math:`\|x_i - y_j\|^p` of points centered on the
+    ``b``-weighted mean of ``y`` (far-off clouds lose no precision), without gradient.
 
-
-def _matching_cost(x: Tensor, y: Tensor, b: Tensor, p: float) -> Tensor:
-    r"""``(B, n, n)`` cost whose optimal matching is the transport plan's, from centered points.
-
-    Both sets are centered on the ``b``-weighted mean of ``y`` first (far-off clouds lose no
-    precision). For ``p = 2`` only :math:`-2 \langle x_i, y_j \rangle` is kept: :math:`|x_i|^2`
-    and :math:`|y_j|^2` are row and column constants, which leave the matching unchanged (the
-    value comes from the matched differences, not from here). On a CPU the problems go in chunks
-    of about :data:`_COST_CHUNK_ELEMENTS` numbers, so the centered copies stay small and reuse
-    the same memory: full-size temporaries cost more in fresh pages than in arithmetic there.
+    ``matching_only`` (``p = 2``): only :math:`-2 \langle x_i, y_j \rangle` -- :math:`|x_i|^2`
+    and :math:`|y_j|^2` are row and column constants, which leave an optimal matching unchanged
+    (for an assignment, whose value comes from the matched differences). On a CPU the problems
+    go in chunks (:func:`~ctxpred.wasserstein._validate.chunk_size`), so the centered copies
+    stay small and reuse the same memory.
     """
     bsz, n, d = x.shape
-    chunk = bsz if x.device.type != "cpu" else max(1, _COST_CHUNK_ELEMENTS // max(1, n * d))
-    if chunk >= bsz:
-        xc, yc = center(x, y, b)
-        return (torch.bmm(xc, yc.transpose(1, 2)).mul_(-2.0) if p == 2
-                else pairwise_cost(xc, yc, p))
-    cost = x.new_empty(bsz, n, y.shape[1])
+    m = y.shape[1]
+    chunk = chunk_size(bsz, max(n, m) * d, x.device)
+    cost = x.new_empty(bsz, n, m)
     for i in range(0, bsz, chunk):
         xc, yc = center(x[i : i + chunk], y[i : i + chunk], b[i : i + chunk])
-        if p == 2:
+        if p == 2 and matching_only:
             torch.bmm(xc, yc.transpose(1, 2), out=cost[i : i + chunk]).mul_(-2.0)
         else:
             cost[i : i + chunk] = pairwise_cost(xc, yc, p)
     return cost
+
+
+def _mean(y: Tensor, b: Tensor) -> Tensor:
+    """``(B, 1, D)`` the ``b``-weighted mean of ``y``, the center of both sets (no gradient:
+    the value is translation invariant, so its gradient through the center is 0)."""
+    return torch.matmul(b.unsqueeze(-2), y.detach())
 
 
 def _take_rows(y: Tensor, index: Tensor) -> Tensor:
@@ -919,7 +924,7 @@ class _MatchedSquaredCost(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, x: Tensor, y: Tensor, index: Tensor, a: Tensor
     ) -> Tensor:
         bsz, n, d = x.shape
-        chunk = bsz if x.device.type != "cpu" else max(1, _COST_CHUNK_ELEMENTS // max(1, n * d))
+        chunk = chunk_size(bsz, n * d, x.device)
         value = x.new_empty(bsz)
         for i in range(0, bsz, chunk):
             diff = _take_rows(y[i : i + chunk], index[i : i + chunk])
