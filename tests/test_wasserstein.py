@@ -219,6 +219,22 @@ def test_exact_chunked_cost_value_and_gradients_match(p, supports, monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("supports", ["equal", "unequal"])
+def test_exact_double_backward_is_the_envelope_hessian(supports):
+    """create_graph=True: the gradient 2 r_i (x_i - (pi y)_i / r_i) is differentiable again,
+    and with the plan held fixed its derivative along v is 2 r_i v_i (r_i: row mass)."""
+    x, y = clouds(5, 6, 5, 5, 3)
+    x.requires_grad_(True)
+    wy = torch.ones(6, 5, dtype=torch.float64)
+    if supports == "unequal":
+        wy[:, 3:] = 0.0
+    value = exact_wasserstein(x, y, None, wy)
+    (grad,) = torch.autograd.grad(value.sum(), x, create_graph=True)
+    v = torch.randn_like(x)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), x)
+    torch.testing.assert_close(hvp, 2.0 * v / 5)
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)

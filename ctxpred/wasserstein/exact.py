@@ -937,9 +937,12 @@ class _MatchedSquaredCost(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor):  # type: ignore[override]
         x, y, index, a = ctx.saved_tensors
+        scale = (2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable in x
+            return (x - _take_rows(y, index)) * scale, None, None, None
         out = _take_rows(y, index)
         torch.sub(x, out, out=out)
-        return out.mul_((2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1)), None, None, None
+        return out.mul_(scale), None, None, None
 
 
 def _pot_plans(prep: Prepared, p: float) -> Tensor:
