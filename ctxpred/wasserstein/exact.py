@@ -196,7 +196,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             min_all = cost.new_zeros(1, bsz)
             sink_all = cost.new_full((1, bsz), -1.0)
 
-        # Phase r: at most r + 1 Dijkstra steps (one per matched column, plus the free one).
+        # Phase r: one Dijkstra step per matched column at most, plus the free one (r + 1 from
+        # the empty start; n from the CPU's column reduction).
         # Float arithmetic only (0/1 masks, indices as floats): CPU bool kernels are slow here.
         for step in range(steps(r)):
             if width == 0:
@@ -331,8 +332,8 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     with ``k`` valid rows is :math:`D_k(\{0..k-1\})`, and a backward pass recovers the matching.
     ``n`` levels of vectorized work over ``(2^n, B)`` -- no data-dependent steps at all. On a CPU
     the forward levels go in chunks of problems whose ``(2^n, chunk)`` slice of the table stays
-    cache-resident (sharing one candidate buffer: fresh memory costs more than the arithmetic);
-    the backward pass reads the table once for the whole batch.
+    cache-resident, each followed by its backward pass, all chunks sharing one table and one
+    candidate buffer (fresh memory costs more than the arithmetic there).
     """
     bsz, n, _ = cost.shape
     device, big = cost.device, _BIG
