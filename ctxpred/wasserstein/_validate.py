@@ -206,9 +206,15 @@ def segment_cost(diff: Tensor, p: float) -> Tensor:
     return torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(sq))
 
 
+def weighted_mean(y: Tensor, b: Tensor) -> Tensor:
+    """``(..., 1, D)`` the ``b``-weighted mean of ``y`` (weights summing to 1): one pass over
+    ``y``, no temporary."""
+    return torch.matmul(b.unsqueeze(-2), y)
+
+
 def center(x: Tensor, y: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Subtract the ``b``-weighted mean of ``y`` from both sets (W is translation invariant)."""
-    mean = torch.matmul(b.unsqueeze(-2), y)  # (..., 1, D): one pass over y, no temporary
+    mean = weighted_mean(y, b)
     return x - mean, y - mean
 
 
@@ -270,7 +276,12 @@ def chunk_size(problems: int, per_problem: int, device: torch.device) -> int:
 def _plan_gradient(plan: Tensor, a: Tensor, b: Tensor, mean: Tensor | None,
                    scale: Tensor) -> Tensor:
     """``scale * (rowsum(plan) * (a - c) - plan @ (b - c))`` for ``plan (B, N, M)``,
-    ``a (B, N, D)``, ``b (B, M, D)``: in chunks, into one output tensor."""
+    ``a (B, N, D)``, ``b (B, M, D)``: in chunks, into one output tensor (out of place while
+    autograd records, i.e. under ``create_graph=True``)."""
+    if torch.is_grad_enabled():  # create_graph=True: out of place, differentiable
+        if mean is not None:
+            a, b = a - mean, b - mean
+        return scale * (plan.sum(-1, keepdim=True) * a - torch.bmm(plan, b))
     bsz = plan.shape[0]
     out = torch.empty_like(a)
     chunk = chunk_size(bsz, max(a[0].numel(), b[0].numel()), a.device)
@@ -299,15 +310,6 @@ class _PlanSquaredCost(torch.autograd.Function):
         plan, x, y, mean = ctx.saved_tensors
         scale = (2.0 * grad).view(-1, 1, 1)
         grad_x = grad_y = None
-        if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable
-            if mean is not None:
-                x, y = x - mean, y - mean
-            if ctx.needs_input_grad[2]:
-                grad_x = scale * (plan.sum(-1).unsqueeze(-1) * x - torch.bmm(plan, y))
-            if ctx.needs_input_grad[3]:
-                plan_t = plan.transpose(1, 2)
-                grad_y = scale * (plan.sum(-2).unsqueeze(-1) * y - torch.bmm(plan_t, x))
-            return None, None, grad_x, grad_y, None
         if ctx.needs_input_grad[2]:
             grad_x = _plan_gradient(plan, x, y, mean, scale)
         if ctx.needs_input_grad[3]:

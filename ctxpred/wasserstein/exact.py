@@ -67,6 +67,7 @@ from ctxpred.wasserstein._validate import (
     prepare,
     restore,
     segment_cost,
+    weighted_mean,
 )
 from ctxpred.wasserstein.base import EstimatorModule
 
@@ -262,7 +263,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         # problems that found one, copied out and back).
         going = valid & (sink >= 0)
         j = sink.clamp_min(0)
-        sel = going[0].nonzero().squeeze(1) if early_exit else None
+        sel = going[0].nonzero().squeeze(1) if early_exit else None  # host: CPU eager only
         a_path, a_r4c, a_c4r = (path, row4col, col4row) if sel is None else (
             t.index_select(1, sel) for t in (path, row4col, col4row))
         if sel is not None:
@@ -338,7 +339,8 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
     bsz, n, _ = cost.shape
     device, big = cost.device, _BIG
     count = row_valid.sum(1)  # (B,) valid rows (= valid columns)
-    # CPU eager: a batch without masks (the usual case) skips the reordering, read for free
+    # host: CPU eager only, where the read is free: a batch without masks (the usual case)
+    # skips the reordering
     ordered = not (host_checks_free(device) and bool(count.eq(n).all()))
     if ordered:
         order_r = torch.argsort((~row_valid).to(torch.int8), dim=1, stable=True)
@@ -375,9 +377,7 @@ def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) ->
             prev = mask ^ bits  # (n, W): S without column j where j is in S (then prev < S)
             value = flat.take(prev * width + offset).add_(part[level - 1])
             value = torch.where(prev < mask, value, big)
-            low = value.amin(0, keepdim=True)
-            key = torch.add(columns_f, torch.sign(value - low), alpha=n)
-            j = key.amin(0).long()  # (W,)
+            j = _argmin_dim(value, 0, columns_f)[1].long()  # (W,)
             chosen[level - 1, lo : lo + width] = torch.where(active, j, -1)
             mask = torch.where(active, mask ^ (1 << j), mask)
     chosen = chosen.t().contiguous()  # (B, n) permuted column per permuted row
@@ -812,8 +812,9 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    mean = _center_of(y, b)
     with torch.no_grad():
-        cost = _centered_cost(x.detach(), y.detach(), b, p)
+        cost = _centered_cost(x.detach(), y.detach(), mean, p)
         plan = torch.zeros_like(cost)
         (assign, _), (flow, _), (general, _) = groups
         if assign.numel():
@@ -823,7 +824,7 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
                                        b[flow] > 0, flow)
         if general.numel():
             plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
-    return plan_cost(plan, x, y, p, cost if p == 2 else None, _mean(y, b))
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
 
 
 def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -847,10 +848,11 @@ def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
 def _solve_flow(prep: Prepared, p: float) -> Tensor:
     """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports."""
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    mean = _center_of(y, b)
     with torch.no_grad():
-        cost = _centered_cost(x.detach(), y.detach(), b, p)
+        cost = _centered_cost(x.detach(), y.detach(), mean, p)
         plan = _uniform_plan(cost, x.detach(), y.detach(), a > 0, b > 0)
-    return plan_cost(plan, x, y, p, cost if p == 2 else None, _mean(y, b))
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
 
 
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
@@ -865,7 +867,7 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         y = torch.cat([y, y.new_zeros(bsz, n - n_y, d)], 1)
         b = torch.cat([b, b.new_zeros(bsz, n - n_y)], 1)
     with torch.no_grad():
-        cost = _centered_cost(x.detach(), y.detach(), b, p, matching_only=True)
+        cost = _centered_cost(x.detach(), y.detach(), _center_of(y, b), p, matching_only=True)
         match = assignment(cost, a > 0, b > 0)
     index = match.clamp_min(0)
     if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
@@ -873,10 +875,10 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
     return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1)
 
 
-def _centered_cost(x: Tensor, y: Tensor, b: Tensor, p: float, matching_only: bool = False
+def _centered_cost(x: Tensor, y: Tensor, mean: Tensor, p: float, matching_only: bool = False
                    ) -> Tensor:
-    r"""``(B, N, M)`` cost matrix :math:`\|x_i - y_j\|^p` of points centered on the
-    ``b``-weighted mean of ``y`` (far-off clouds lose no precision), without gradient.
+    r"""``(B, N, M)`` cost matrix :math:`\|x_i - y_j\|^p` of points centered on ``mean``
+    ``(B, 1, D)`` (:func:`_center_of`: far-off clouds lose no precision), without gradient.
 
     ``matching_only`` (``p = 2``): only :math:`-2 \langle x_i, y_j \rangle` -- :math:`|x_i|^2`
     and :math:`|y_j|^2` are row and column constants, which leave an optimal matching unchanged
@@ -886,21 +888,27 @@ def _centered_cost(x: Tensor, y: Tensor, b: Tensor, p: float, matching_only: boo
     """
     bsz, n, d = x.shape
     m = y.shape[1]
+
+    def block(lo: int, hi: int) -> Tensor:  # the cost of problems lo:hi
+        c = mean[lo:hi]
+        xc, yc = x[lo:hi] - c, y[lo:hi] - c
+        if p == 2 and matching_only:
+            return torch.bmm(xc, yc.transpose(1, 2)).mul_(-2.0)
+        return pairwise_cost(xc, yc, p)
+
     chunk = chunk_size(bsz, max(n, m) * d, x.device)
+    if chunk >= bsz:
+        return block(0, bsz)
     cost = x.new_empty(bsz, n, m)
     for i in range(0, bsz, chunk):
-        xc, yc = center(x[i : i + chunk], y[i : i + chunk], b[i : i + chunk])
-        if p == 2 and matching_only:
-            torch.bmm(xc, yc.transpose(1, 2), out=cost[i : i + chunk]).mul_(-2.0)
-        else:
-            cost[i : i + chunk] = pairwise_cost(xc, yc, p)
+        cost[i : i + chunk] = block(i, i + chunk)
     return cost
 
 
-def _mean(y: Tensor, b: Tensor) -> Tensor:
-    """``(B, 1, D)`` the ``b``-weighted mean of ``y``, the center of both sets (no gradient:
-    the value is translation invariant, so its gradient through the center is 0)."""
-    return torch.matmul(b.unsqueeze(-2), y.detach())
+def _center_of(y: Tensor, b: Tensor) -> Tensor:
+    """``(B, 1, D)`` the center of both sets, the ``b``-weighted mean of ``y`` (no gradient: the
+    value is translation invariant, so its gradient through the center is 0)."""
+    return weighted_mean(y.detach(), b)
 
 
 def _take_rows(y: Tensor, index: Tensor) -> Tensor:
