@@ -462,6 +462,22 @@ STAGES: dict[str, Stage] = {
                            "(baseline and Sinkhorn arms reused from replicate-weighted), "
                            "textures, demo budget", reuse=("replicate-weighted",),
                            versus=(("px-l0.3-snr-exact", "px-l0.3-snr"),)),
+    # Declared 2026-12-01 before any of its runs, after "exact-default" (exact vs baseline:
+    # neighbor -16.8% [-41.6, +8.0], patch SWD -16.7% [-32.9, -0.5], Holm p 0.09, "no effect
+    # shown"; head to head with Sinkhorn: neither shown better) whose baseline and Sinkhorn arms
+    # were reused from runs of an older commit (9519f6d). Since then the exact estimator gained
+    # the 1-D sorted coupling and the faster solvers (values unchanged). This is a fresh
+    # experiment: all three arms run at one commit on 10 new seeds (40-49), textures, demo
+    # budget, judged alone and never pooled with "exact-default" or any other stage. Decision
+    # rule, unchanged from "exact-default": exact becomes the loss's default if its verdict
+    # against the baseline is "helps" and, head to head against px-l0.3-snr, no primary
+    # metric's 95% interval lies entirely above 0; otherwise Sinkhorn stays.
+    "exact-default-fresh": Stage("exact-default-fresh", _DEMO, tuple(range(40, 50)),
+                                 ("textures",), ("px-l0.3-snr", "px-l0.3-snr-exact"),
+                                 "the confirmed recipe with Sinkhorn and with the exact "
+                                 "estimator vs baseline, all arms at one commit, 10 fresh seeds "
+                                 "(40-49), textures, demo budget; judged alone",
+                                 versus=(("px-l0.3-snr-exact", "px-l0.3-snr"),)),
     # digits, not textures: at 3x the demo's steps a textures run takes 10-17 min on one CPU
     # core (chosen before the stage ran, for its cost only)
     "length": Stage("length", _LENGTH, tuple(range(5)), ("digits",), None,

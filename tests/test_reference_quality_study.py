@@ -216,6 +216,24 @@ def test_exact_default_stage_reuses_only_identical_runs() -> None:
     assert quality.reuse_runs(runs, study) == []  # idempotent
 
 
+def test_fresh_exact_stage_runs_every_arm_on_seeds_no_other_stage_used() -> None:
+    stage = quality.STAGES["exact-default-fresh"]
+    runs = quality.study_runs(stage, _args())
+    assert not stage.reuse and stage.versus == (("px-l0.3-snr-exact", "px-l0.3-snr"),)
+    assert {r.variant for r in runs} == {"baseline", "px-l0.3-snr", "px-l0.3-snr-exact"}
+    assert len(runs) == 30 and {r.seed for r in runs} == set(range(40, 50))
+    used = {seed for name, other in quality.STAGES.items() if name != stage.name
+            for seed in other.seeds}
+    assert used.isdisjoint(range(40, 50))
+    exact = {r.seed: r for r in runs if r.variant == "px-l0.3-snr-exact"}
+    sinkhorn = {r.seed: r for r in runs if r.variant == "px-l0.3-snr"}
+    # the two arms differ in the estimator only
+    for seed, run in exact.items():
+        a, b = run.spec["train"]["context"], sinkhorn[seed].spec["train"]["context"]
+        assert a.pop("estimator") == "exact" and b.pop("estimator", None) != "exact"
+        assert a == b
+
+
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
     frozen = quality.FINGERPRINT_DEFAULTS["ContextConfig"]
     cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5, points=frozen["points"],
