@@ -472,6 +472,11 @@ STAGES: dict[str, Stage] = {
     # rule, unchanged from "exact-default": exact becomes the loss's default if its verdict
     # against the baseline is "helps" and, head to head against px-l0.3-snr, no primary
     # metric's 95% interval lies entirely above 0; otherwise Sinkhorn stays.
+    # Amended 2026-12-01 while only baseline runs had finished (no exact or Sinkhorn arm run
+    # yet): the rule settles the *quality* side of the switch. The switch itself also waits for
+    # a GPU measurement (issue 12): on an accelerator the masked flow runs a fixed schedule,
+    # about 44k small ops for one 2048x8x3 masked call at the 56-round bound (CPU count,
+    # benchmarks/launches.py), against about 1.3k for Sinkhorn's default.
     "exact-default-fresh": Stage("exact-default-fresh", _DEMO, tuple(range(40, 50)),
                                  ("textures",), ("px-l0.3-snr", "px-l0.3-snr-exact"),
                                  "the confirmed recipe with Sinkhorn and with the exact "
