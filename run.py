@@ -5,7 +5,8 @@
                                          # prediction on bundled data and print the report
     python3 run.py test                  # ruff + the whole pytest suite + `mkdocs build --strict`
     python3 run.py docs                  # live preview of the documentation site (mkdocs serve)
-    python3 run.py bench NAME [options]  # run benchmarks/NAME.py (estimators, launches, overhead, quality)
+    python3 run.py bench NAME [options]  # run benchmarks/NAME.py (estimators, launches,
+                                         # overhead, quality)
 
 On first use it creates ``.venv`` beside this file and installs the project with its ``dev``
 extra. PyTorch is installed first, as ``torch==2.13.0`` (the CPU build), unless the venv already
