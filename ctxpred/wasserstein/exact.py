@@ -422,54 +422,66 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, redu
     ``source (n, W)`` bool; ``reduced (n, m, W)`` arc lengths; ``dist``/``level`` the rows' and
     columns' distances and label levels; ``sink (W,)`` long; ``found (W,)`` bool.
 
-    The path is recovered backwards: a column's predecessor is a row ``i`` with
+    Every node's predecessor is found at once: a column's is the first row ``i`` with
     ``d_i + reduced_ij == d_j`` (the same float sum the sweep took its minimum over) and a lower
-    level; a row's is a column with flow into it, ``d_j == d_i`` and a lower level.
+    level; a row's is the first column with flow into it, ``d_j == d_i`` and a lower level.
+    The path is then followed backwards from the sink by flat indices, and the flow changes
+    along it are added in one pass.
     """
     n, m, width = flow.shape
     device, dtype = flow.device, flow.dtype
     d_row, d_col = dist
     lvl_row, lvl_col = level
     wi = torch.arange(width, device=device)
-    rows_f = torch.arange(n, device=device, dtype=dtype).unsqueeze(1)
-    cols_f = torch.arange(m, device=device, dtype=dtype).unsqueeze(1)
-    row_offsets = torch.arange(n, device=device).unsqueeze(1) * (m * width)  # (n, 1)
-    col_offsets = torch.arange(m, device=device).unsqueeze(1) * width + wi  # (m, W)
-    flat_f, flat_e, flat_r = flow.view(-1), excess.view(-1), reduced.view(-1)
-    flat_s = source.reshape(-1)
-    flat_dc, flat_lc = d_col.reshape(-1), lvl_col.reshape(-1)
-    flat_dr, flat_lr = d_row.reshape(-1), lvl_row.reshape(-1)
-    delta = torch.where(found, deficit.view(-1).take(sink * width + wi), 0.0)
-    col, going = sink, found
+    rows = torch.arange(n, device=device)
+    cols = torch.arange(m, device=device)
+    # predecessors (nodes without one, never on a path, point at row/column 0)
+    explains = (d_row.unsqueeze(1) + reduced == d_col.unsqueeze(0)) & (
+        lvl_row.unsqueeze(1) < lvl_col.unsqueeze(0))
+    pred_of_col = torch.where(explains, rows.view(n, 1, 1).to(dtype), float(n)).amin(0)
+    pred_of_col = pred_of_col.long() % n  # (m, W) rows
+    explains = (flow > 0.5) & (d_col.unsqueeze(0) == d_row.unsqueeze(1)) & (
+        lvl_col.unsqueeze(0) < lvl_row.unsqueeze(1))
+    pred_of_row = torch.where(explains, cols.view(1, m, 1).to(dtype), float(m)).amin(1)
+    pred_of_row = pred_of_row.long() % m  # (n, W) columns
+    # flat indices: a column's predecessor row (n, W) and arc (n, m, W); a row's predecessor
+    # column (m, W) and arc
+    col_to_row = pred_of_col * width + wi
+    col_to_arc = (pred_of_col * m + cols.unsqueeze(1)) * width + wi
+    row_to_col = pred_of_row * width + wi
+    row_to_arc = (rows.unsqueeze(1) * m + pred_of_row) * width + wi
+    col_to_row, col_to_arc = col_to_row.view(-1), col_to_arc.view(-1)
+    row_to_col, row_to_arc = row_to_col.view(-1), row_to_arc.view(-1)
+    flat_f, flat_e, flat_s = flow.view(-1), excess.view(-1), source.reshape(-1)
+    at_col = sink * width + wi
+    delta = torch.where(found, deficit.view(-1).take(at_col), 0.0)
+    going = found
     arrived = torch.zeros_like(found)
-    path = []
+    forward, backward, on_path, at_sources, source_rows = [], [], [], [], []
     for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
-        at = col * width + wi
-        explains = (d_row + flat_r.take(row_offsets + at) == flat_dc.take(at)) & (
-            lvl_row < flat_lc.take(at))
-        row = torch.where(explains, rows_f, float(n)).amin(0).long().clamp_max_(n - 1)
-        at = row * width + wi
-        at_source = going & flat_s.take(at)
-        delta = torch.where(at_source, torch.minimum(delta, flat_e.take(at)), delta)
+        at_row = col_to_row.take(at_col)
+        at_source = going & flat_s.take(at_row)
+        delta = torch.where(at_source, torch.minimum(delta, flat_e.take(at_row)), delta)
         arrived = arrived | at_source
         onward = going & ~at_source
-        flows = flat_f.take(row.unsqueeze(0) * (m * width) + col_offsets)  # (m, W)
-        explains = (flows > 0.5) & (d_col == flat_dr.take(at)) & (lvl_col < flat_lr.take(at))
-        back = torch.where(explains, cols_f, float(m)).amin(0).long().clamp_max_(m - 1)
-        delta = torch.where(
-            onward, torch.minimum(delta, flat_f.take((row * m + back) * width + wi)), delta)
-        path.append((row, col, back, going, at_source))
-        col = torch.where(onward, back, col)
+        back_arc = row_to_arc.take(at_row)
+        delta = torch.where(onward, torch.minimum(delta, flat_f.take(back_arc)), delta)
+        forward.append(col_to_arc.take(at_col))
+        backward.append(back_arc)
+        on_path.append(going)
+        at_sources.append(at_source)
+        source_rows.append(at_row)
+        at_col = torch.where(onward, row_to_col.take(at_row), at_col)
         going = onward
         if early_exit and not bool(going.any()):
             break
     delta = torch.where(arrived, delta, 0.0)
     deficit.view(-1).index_add_(0, sink * width + wi, -delta)
-    for row, col, back, on_path, at_source in path:
-        flat_f.index_add_(0, (row * m + col) * width + wi, torch.where(on_path, delta, 0.0))
-        flat_e.index_add_(0, row * width + wi, -torch.where(at_source, delta, 0.0))
-        flat_f.index_add_(0, (row * m + back) * width + wi,
-                          -torch.where(on_path & ~at_source, delta, 0.0))
+    on = torch.stack(on_path).to(dtype)
+    at_src = torch.stack(at_sources).to(dtype)
+    flat_f.index_add_(0, torch.stack(forward).view(-1), (on * delta).view(-1))
+    flat_f.index_add_(0, torch.stack(backward).view(-1), ((at_src - on) * delta).view(-1))
+    flat_e.index_add_(0, torch.stack(source_rows).view(-1), (at_src * delta).neg_().view(-1))
 
 
 def flow_augmentation_bound(n: int, m: int) -> int:
