@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ctxpred
 from ctxpred import functional as F
@@ -590,6 +591,7 @@ def test_sinkhorn_slow_schedule_is_accurate_on_masked_unequal_problems():
 
 import contextlib  # noqa: E402
 
+from ctxpred.wasserstein import _validate as validate_module  # noqa: E402
 from ctxpred.wasserstein import exact as exact_module  # noqa: E402
 from ctxpred.wasserstein.exact import (  # noqa: E402
     flow_augmentation_bound,
@@ -1028,3 +1030,89 @@ class TestEstimatorTemplate:
         got = compiled(x, y, w)
         torch.manual_seed(0)
         torch.testing.assert_close(got, call(x, y, w))
+
+
+# ------------------------------------------------- torch.use_deterministic_algorithms(True)
+
+#: aten operations that raise on CUDA under torch.use_deterministic_algorithms(True) (its
+#: documentation's list), by overload packet name; cumsum only with a floating-point input
+_NONDETERMINISTIC_ON_CUDA = {
+    "put_", "histc", "bincount", "nll_loss_forward", "nll_loss2d_forward",
+    "avg_pool3d_backward", "_adaptive_avg_pool2d_backward", "_adaptive_avg_pool3d_backward",
+    "adaptive_max_pool2d_backward", "fractional_max_pool2d_backward",
+    "fractional_max_pool3d_backward", "max_unpool2d", "max_unpool3d",
+    "upsample_linear1d_backward", "upsample_bilinear2d_backward", "upsample_bicubic2d_backward",
+    "upsample_trilinear3d_backward", "reflection_pad1d_backward", "reflection_pad2d_backward",
+    "reflection_pad3d_backward", "_ctc_loss_backward", "grid_sampler_2d_backward",
+    "grid_sampler_3d_backward",
+}
+
+
+class _RaisingOpsSpy(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        first = args[0] if args else None
+        if (name in _NONDETERMINISTIC_ON_CUDA
+                or (name == "median" and func._overloadname.startswith("dim"))
+                or (name == "scatter_reduce" and "prod" in args)
+                or (name in ("cumsum", "cumsum_") and isinstance(first, torch.Tensor)
+                    and first.is_floating_point()
+                    and (kwargs or {}).get("dtype") not in (torch.int32, torch.int64))):
+            self.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["exact", "sinkhorn", "sliced", "gaussian"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_estimators_dispatch_no_op_that_raises_on_cuda_in_deterministic_mode(name, masked):
+    """The meta device takes the accelerator code path without a GPU: forward and backward
+    must not dispatch an op that CUDA refuses under use_deterministic_algorithms(True) (the
+    flow's start and the sliced quantiles used a float cumsum, which does)."""
+    fn = ESTIMATORS[name][0]
+    x = torch.empty(16, 8, 3, device="meta", requires_grad=True)
+    y = torch.empty(16, 8, 3, device="meta")
+    w = torch.empty(16, 8, device="meta") if masked else None
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _RaisingOpsSpy() as spy:
+            fn(x, y, None, w, check_finite=False).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert spy.found == []
+
+
+def test_prefix_sum_without_float_cumsum_equals_cumsum(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(5, 4, 7, generator=g, dtype=torch.float64)
+    x, y = torch.randn(6, 5, 2, generator=g), torch.randn(6, 7, 2, generator=g)
+    w = (torch.rand(6, 7, generator=g) < 0.7).float()
+    w[:, 0] = 1.0
+    theta = torch.randn(2, 16, generator=g)
+    before = sliced_wasserstein(x, y, None, w, projections=theta)
+    monkeypatch.setattr(validate_module, "_float_cumsum_allowed", lambda device: False)
+    torch.testing.assert_close(validate_module.prefix_sum(values), values.cumsum(-1))
+    torch.testing.assert_close(sliced_wasserstein(x, y, None, w, projections=theta), before)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sinkhorn", "sliced"])
+def test_the_loss_dispatches_no_op_that_raises_on_cuda_in_deterministic_mode(estimator):
+    """The whole loss (neighborhood, head, estimator; target at twice the features' grid) on
+    the meta device, forward and backward, as above."""
+    loss_fn = ctxpred.ContextPredictionLoss(
+        ctxpred.PixelNeighborhood(strides=(1, 2)),
+        ctxpred.GaussianSamplingHead(out_channels=3, in_channels=16, num_strides=2),
+        estimator=estimator, weight=0.1, points=32).to("meta")
+    features = torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _RaisingOpsSpy() as spy:
+            loss_fn(features, target=torch.empty(2, 3, 16, 16, device="meta")).backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert spy.found == []

@@ -22,6 +22,7 @@ __all__ = [
     "host_checks_free",
     "pairwise_cost",
     "plan_cost",
+    "prefix_sum",
     "prepare",
     "restore",
     "segment_cost",
@@ -226,6 +227,30 @@ def host_checks_free(device: torch.device) -> bool:
     their fixed, data-independent schedules instead.
     """
     return device.type == "cpu" and not _is_compiling()
+
+
+def prefix_sum(values: Tensor) -> Tensor:
+    """Inclusive prefix sums along the last dimension, ``out[..., k] = sum_{l <= k} v[..., l]``,
+    that also run under ``torch.use_deterministic_algorithms(True)`` off the CPU: CUDA has no
+    deterministic kernel for a floating-point ``cumsum`` and raises there, so in that mode the
+    sums are a product with a triangular matrix of ones (``values (..., n)``, any float dtype;
+    ``n`` is small here: points per problem). Otherwise ``cumsum``.
+
+    Example:
+        >>> prefix_sum(torch.tensor([[0.25, 0.5, 0.25]]))
+        tensor([[0.2500, 0.7500, 1.0000]])
+    """
+    if _float_cumsum_allowed(values.device):
+        return values.cumsum(-1)
+    n = values.shape[-1]
+    upper = torch.ones(n, n, dtype=values.dtype, device=values.device).triu_()
+    return torch.matmul(values, upper)
+
+
+def _float_cumsum_allowed(device: torch.device) -> bool:
+    """``False`` where a floating-point ``cumsum`` would raise: deterministic algorithms on,
+    off the CPU."""
+    return device.type == "cpu" or not torch.are_deterministic_algorithms_enabled()
 
 
 def _is_compiling() -> bool:

@@ -638,8 +638,10 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     only = tight * (tight.sum(1, keepdim=True) == 1).to(dtype)  # rows with one tight arc
     for arcs in (only, tight):  # those rows first: a row with ties can still split later
         for i in range(n):  # row i fills its tight columns in order: a prefix sum per problem
-            room = deficit * arcs[i]  # (m, B)
-            before = room.cumsum(0).sub_(room)
+            room = deficit * arcs[i]  # (m, B), whole units
+            # an integer cumsum: a float one has no deterministic CUDA kernel (it raises under
+            # torch.use_deterministic_algorithms(True))
+            before = room.to(torch.int32).cumsum(0).to(dtype).sub_(room)
             amount = torch.minimum((excess[i] - before).clamp_min_(0.0), room)
             flow[i] += amount
             excess[i] -= amount.sum(0)

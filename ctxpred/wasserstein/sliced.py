@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
-from ctxpred.wasserstein._validate import float32_core, prepare, restore
+from ctxpred.wasserstein._validate import float32_core, prefix_sum, prepare, restore
 from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["SlicedWasserstein", "random_directions", "sliced_wasserstein"]
@@ -136,8 +136,8 @@ def _quantile_cost(px: Tensor, py: Tensor, a: Tensor, b: Tensor, p: float) -> Te
     n, m = px.shape[-1], py.shape[-1]
     sx, ix = px.sort(-1)
     sy, iy = py.sort(-1)
-    cx = torch.gather(a.unsqueeze(1).expand_as(px), -1, ix).cumsum(-1)
-    cy = torch.gather(b.unsqueeze(1).expand_as(py), -1, iy).cumsum(-1)
+    cx = prefix_sum(torch.gather(a.unsqueeze(1).expand_as(px), -1, ix))
+    cy = prefix_sum(torch.gather(b.unsqueeze(1).expand_as(py), -1, iy))
     t = torch.cat([cx, cy], -1).sort(-1).values.clamp(0.0, 1.0)
     dt = torch.diff(t, dim=-1, prepend=torch.zeros_like(t[..., :1]))
     qx = torch.searchsorted(cx.contiguous(), t.contiguous()).clamp_max(n - 1)
