@@ -444,8 +444,8 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, redu
         lvl_col.unsqueeze(0) < lvl_row.unsqueeze(1))
     pred_of_row = torch.where(explains, cols.view(1, m, 1).to(dtype), float(m)).amin(1)
     pred_of_row = pred_of_row.long() % m  # (n, W) columns
-    # flat indices: a column's predecessor row (n, W) and arc (n, m, W); a row's predecessor
-    # column (m, W) and arc
+    # flat indices, per column (m, W): its predecessor row's in (n, W) and that arc's in
+    # (n, m, W); per row (n, W): its predecessor column's in (m, W) and that arc's
     col_to_row = pred_of_col * width + wi
     col_to_arc = (pred_of_col * m + cols.unsqueeze(1)) * width + wi
     row_to_col = pred_of_row * width + wi
@@ -457,7 +457,7 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, redu
     delta = torch.where(found, deficit.view(-1).take(at_col), 0.0)
     going = found
     arrived = torch.zeros_like(found)
-    forward, backward, on_path, at_sources, source_rows = [], [], [], [], []
+    forward, backward, on_path, at_sources, visited_rows = [], [], [], [], []
     for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
         at_row = col_to_row.take(at_col)
         at_source = going & flat_s.take(at_row)
@@ -470,7 +470,7 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, redu
         backward.append(back_arc)
         on_path.append(going)
         at_sources.append(at_source)
-        source_rows.append(at_row)
+        visited_rows.append(at_row)
         at_col = torch.where(onward, row_to_col.take(at_row), at_col)
         going = onward
         if early_exit and not bool(going.any()):
@@ -481,7 +481,7 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, redu
     at_src = torch.stack(at_sources).to(dtype)
     flat_f.index_add_(0, torch.stack(forward).view(-1), (on * delta).view(-1))
     flat_f.index_add_(0, torch.stack(backward).view(-1), ((at_src - on) * delta).view(-1))
-    flat_e.index_add_(0, torch.stack(source_rows).view(-1), (at_src * delta).neg_().view(-1))
+    flat_e.index_add_(0, torch.stack(visited_rows).view(-1), (at_src * delta).neg_().view(-1))
 
 
 def flow_augmentation_bound(n: int, m: int) -> int:
