@@ -1099,20 +1099,48 @@ def test_prefix_sum_without_float_cumsum_equals_cumsum(monkeypatch):
     torch.testing.assert_close(sliced_wasserstein(x, y, None, w, projections=theta), before)
 
 
-@pytest.mark.parametrize("estimator", ["exact", "sinkhorn", "sliced"])
-def test_the_loss_dispatches_no_op_that_raises_on_cuda_in_deterministic_mode(estimator):
-    """The whole loss (neighborhood, head, estimator; target at twice the features' grid) on
-    the meta device, forward and backward, as above."""
-    loss_fn = ctxpred.ContextPredictionLoss(
-        ctxpred.PixelNeighborhood(strides=(1, 2)),
-        ctxpred.GaussianSamplingHead(out_channels=3, in_channels=16, num_strides=2),
-        estimator=estimator, weight=0.1, points=32).to("meta")
-    features = torch.empty(2, 16, 8, 8, device="meta", requires_grad=True)
+def _meta_losses():
+    """``{name: (loss, features, target)}``: the loss's configurations on the meta device."""
+    pixel = (torch.empty(2, 16, 8, 8, device="meta"), torch.empty(2, 3, 16, 16, device="meta"))
+    tokens = (torch.empty(2, 64, 32, device="meta"), torch.zeros(2, 8, 8, dtype=torch.long,
+                                                                   device="meta"))
+    intensity = torch.linspace(0, 1, 16)[:, None]
+
+    def pixel_loss(head, **options):
+        return ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(strides=(1, 2)), head,
+                                             weight=0.1, points=32, **options)
+
+    gaussian = {"out_channels": 3, "in_channels": 16, "num_strides": 2}
+    cases = {f"pixel-{e}": (pixel_loss(ctxpred.GaussianSamplingHead(**gaussian), estimator=e),
+                            *pixel) for e in ("exact", "sinkhorn", "sliced")}
+    cases["moment"] = (pixel_loss(ctxpred.MomentHead(**gaussian), estimator="gaussian"), *pixel)
+    cases["naive"] = (pixel_loss(ctxpred.NaiveHead(**gaussian)), *pixel)
+    cases["token-distribution"] = (ctxpred.ContextPredictionLoss(
+        ctxpred.TokenNeighborhood(strides=(1, 2)),
+        ctxpred.CategoricalHead(num_classes=16, in_channels=32, num_strides=2),
+        weight=0.1, grid_shape=(8, 8)), *tokens)
+    cases["token-sampling"] = (ctxpred.ContextPredictionLoss(
+        ctxpred.TokenNeighborhood(strides=(1, 2), codebook=intensity),
+        ctxpred.CategoricalHead(num_classes=16, in_channels=32, codebook=intensity,
+                                num_samples=8, num_strides=2),
+        weight=0.1, points=32, grid_shape=(8, 8)), *tokens)
+    return cases
+
+
+@pytest.mark.parametrize("case", ["pixel-exact", "pixel-sinkhorn", "pixel-sliced", "moment",
+                                  "naive", "token-distribution", "token-sampling"])
+def test_the_loss_dispatches_no_op_that_raises_on_cuda_in_deterministic_mode(case):
+    """The whole loss (neighborhood, head, estimator; pixel targets at twice the features'
+    grid, tokens) on the meta device, forward and backward, as above. Running there at all
+    also shows that the accelerator path reads nothing back to the host."""
+    loss_fn, features, target = _meta_losses()[case]
+    loss_fn = loss_fn.to("meta")
+    features.requires_grad_(True)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with _RaisingOpsSpy() as spy:
-            loss_fn(features, target=torch.empty(2, 3, 16, 16, device="meta")).backward()
+            loss_fn(features, target=target).backward()
     finally:
         torch.use_deterministic_algorithms(was)
     assert spy.found == []
