@@ -1054,16 +1054,30 @@ class _RaisingOpsSpy(TorchDispatchMode):
         self.found = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         first = args[0] if args else None
+        strings = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]
         if (name in _NONDETERMINISTIC_ON_CUDA
                 or (name == "median" and func._overloadname.startswith("dim"))
-                or (name == "scatter_reduce" and "prod" in args)
+                or (name in ("scatter_reduce", "scatter_reduce_") and "prod" in strings)
                 or (name in ("cumsum", "cumsum_") and isinstance(first, torch.Tensor)
                     and first.is_floating_point()
-                    and (kwargs or {}).get("dtype") not in (torch.int32, torch.int64))):
+                    and kwargs.get("dtype") not in (torch.int32, torch.int64))):
             self.found.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _deterministic_spy():
+    """``torch.use_deterministic_algorithms(True)`` and a :class:`_RaisingOpsSpy` inside."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _RaisingOpsSpy() as spy:
+            yield spy
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 @pytest.mark.parametrize("name", ["exact", "sinkhorn", "sliced", "gaussian"])
@@ -1076,13 +1090,8 @@ def test_estimators_dispatch_no_op_that_raises_on_cuda_in_deterministic_mode(nam
     x = torch.empty(16, 8, 3, device="meta", requires_grad=True)
     y = torch.empty(16, 8, 3, device="meta")
     w = torch.empty(16, 8, device="meta") if masked else None
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with _RaisingOpsSpy() as spy:
-            fn(x, y, None, w, check_finite=False).sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(was)
+    with _deterministic_spy() as spy:
+        fn(x, y, None, w, check_finite=False).sum().backward()
     assert spy.found == []
 
 
@@ -1136,11 +1145,19 @@ def test_the_loss_dispatches_no_op_that_raises_on_cuda_in_deterministic_mode(cas
     loss_fn, features, target = _meta_losses()[case]
     loss_fn = loss_fn.to("meta")
     features.requires_grad_(True)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with _RaisingOpsSpy() as spy:
-            loss_fn(features, target=target).backward()
-    finally:
-        torch.use_deterministic_algorithms(was)
+    with _deterministic_spy() as spy:
+        loss_fn(features, target=target).backward()
     assert spy.found == []
+
+
+def test_the_spy_sees_the_ops_it_looks_for():
+    """The spy itself: a float cumsum and an in-place scatter_reduce_ with "prod" are caught,
+    an integer cumsum and "amin" are not."""
+    v = torch.empty(4, 3, device="meta")
+    index = torch.zeros(4, 3, dtype=torch.long, device="meta")
+    with _deterministic_spy() as spy:
+        v.cumsum(-1)
+        v.to(torch.int32).cumsum(-1)
+        v.clone().scatter_reduce_(0, index, v, "amin")
+        v.clone().scatter_reduce_(0, index, v, "prod")
+    assert [f.split(".")[1] for f in spy.found] == ["cumsum", "scatter_reduce_"]
