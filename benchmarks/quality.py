@@ -476,7 +476,8 @@ STAGES: dict[str, Stage] = {
     # yet): the rule settles the *quality* side of the switch. The switch itself also waits for
     # a GPU measurement (issue 12): on an accelerator the masked flow runs a fixed schedule,
     # about 44k small ops for one 2048x8x3 masked call at the 56-round bound (CPU count,
-    # benchmarks/launches.py), against about 1.3k for Sinkhorn's default.
+    # benchmarks/launches.py), against about 1.3k for Sinkhorn's default. (Later the same day
+    # the flow's read-back was rewritten: 22k, docs/results/launches.md.)
     "exact-default-fresh": Stage("exact-default-fresh", _DEMO, tuple(range(40, 50)),
                                  ("textures",), ("px-l0.3-snr", "px-l0.3-snr-exact"),
                                  "the confirmed recipe with Sinkhorn and with the exact "
