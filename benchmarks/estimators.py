@@ -7,7 +7,9 @@ predicted points, measures peak memory and the value's relative error (and the g
 against the exact W_2^2 (scipy ``linear_sum_assignment`` in float64), for:
 
 * ctxpred: ``exact``, ``sinkhorn`` (default; and with geomloss's entropic plan), ``sinkhorn``
-  debiased, ``sliced``, ``gaussian`` (full, diag);
+  debiased, ``sliced``, ``gaussian`` (full, diag); on CUDA with triton installed also
+  ``exact`` with ``solver="triton"`` (the fused kernel, one program per problem; masked
+  configurations too);
 * POT: ``ot.emd2`` per problem (Python loop; timed on ``--loop-n`` problems and extrapolated),
   ``ot.batch.solve_batch`` log-Sinkhorn (50 iterations, eps = 0.01 x mean cost, envelope grad);
 * geomloss: ``SamplesLoss("sinkhorn", blur=0.05, scaling=0.5)`` tensorized, with/without debias
@@ -183,7 +185,18 @@ def mse_floor_masked(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> to
 SLOW_SCHEDULE = {"scaling": 0.9, "iterations": 200}
 
 
-def build_masked() -> list[dict]:
+def triton_rows(device: torch.device) -> bool:
+    """Whether to time ``solver="triton"`` (the fused kernel): on CUDA, with triton installed
+    (on the CPU it would run in Triton's interpreter -- far too slow to time)."""
+    from ctxpred.wasserstein import _triton
+
+    return device.type == "cuda" and _triton.available()
+
+
+TRITON_ROW = "ctxpred triton kernel (exact, solver='triton')"
+
+
+def build_masked(device: torch.device | None = None) -> list[dict]:
     """The rows of a masked configuration: ``fn(x, y, mask)``."""
     nocheck = {"check_finite": False}
     rows = [
@@ -203,10 +216,14 @@ def build_masked() -> list[dict]:
         ("MSE, fixed order (floor)", mse_floor_masked, "batched",
          "over the valid neighbors; not a transport cost", "masked"),
     ]
+    if device is not None and triton_rows(device):
+        rows.insert(2, (TRITON_ROW, lambda x, y, w: exact_wasserstein(
+            x, y, None, w, solver="triton", **nocheck), "batched",
+            "exact; one program per problem", "masked"))
     return [dict(name=n, fn=f, kind=k, note=note, reference=ref) for n, f, k, note, ref in rows]
 
 
-def build(quick: bool) -> list[dict]:
+def build(quick: bool, device: torch.device | None = None) -> list[dict]:
     """(name, fn, kind, note) of every estimator, ctxpred first."""
     nocheck = {"check_finite": False}
     rows = [
@@ -241,6 +258,9 @@ def build(quick: bool) -> list[dict]:
     except ImportError:
         pass
     rows.append(("MSE, fixed order (floor)", mse_floor, "batched", "not a transport cost"))
+    if device is not None and triton_rows(device):
+        rows.insert(1, (TRITON_ROW, lambda x, y: exact_wasserstein(
+            x, y, solver="triton", **nocheck), "batched", "exact; one program per problem"))
     return [dict(name=n, fn=lambda x, y, w, f=f: f(x, y), kind=k, note=note,
                  reference="unmasked") for n, f, k, note in rows]
 
@@ -336,7 +356,7 @@ def run_config(n: int, k: int, d: int, masked: bool, args: argparse.Namespace,
     if masked:
         references["masked"] = masked_reference(x, y, mask)
     live, rows = [], {}
-    for est in (build_masked() if masked else build(args.quick)):
+    for est in (build_masked(device) if masked else build(args.quick, device)):
         if args.skip and any(s.lower() in est["name"].lower() for s in args.skip):
             continue
         sub = n if est["kind"] == "batched" else min(n, args.loop_n)
@@ -395,6 +415,7 @@ def masked_targets(rows: list[dict]) -> dict:
     unmasked = _find(rows, "ctxpred exact, same points")
     sink, slow = _find(rows, "ctxpred sinkhorn (default)"), _find(rows, "ctxpred sinkhorn (scaling")
     pot, mse = _find(rows, "POT ot.emd2"), _find(rows, "MSE")
+    triton = _find(rows, TRITON_ROW)
 
     def ratio(a: dict | None, b: dict | None, key: str = "seconds") -> float | None:
         if a is None or b is None or not a.get(key) or not b.get(key):
@@ -411,12 +432,16 @@ def masked_targets(rows: list[dict]) -> dict:
         "sinkhorn_default_rel_err_abs_max": None if sink is None else sink["rel_err_abs_max"],
         "sinkhorn_slow_rel_err_abs_max": None if slow is None else slow["rel_err_abs_max"],
         "sinkhorn_slow_time_over_default": ratio(slow, sink),
+        "triton_exact_seconds": None if triton is None else triton["seconds"],
+        "triton_exact_time_over_masked_exact": ratio(triton, exact),
+        "triton_exact_rel_err_abs_max": None if triton is None else triton["rel_err_abs_max"],
     }
 
 
 def targets(rows: list[dict]) -> dict:
     """The issue's targets as ratios measured in this run (None where a row is missing)."""
     exact, scipy_ = _find(rows, "ctxpred exact"), _find(rows, "scipy")
+    triton = _find(rows, TRITON_ROW)
     pot, mse = _find(rows, "POT ot.emd2"), _find(rows, "MSE")
     sink, pot_batch = _find(rows, "ctxpred sinkhorn (default)"), _find(rows, "POT ot.batch")
     geo = _find(rows, "geomloss sinkhorn tensorized debias")
@@ -444,6 +469,9 @@ def targets(rows: list[dict]) -> dict:
         "sinkhorn_time_over_pot_batch": ratio(sink, pot_batch),
         "sinkhorn_rel_err_mean": None if sink is None else sink["rel_err_mean"],
         "exact_rel_err_abs_mean": None if exact is None else exact["rel_err_abs_mean"],
+        "triton_exact_seconds": None if triton is None else triton["seconds"],
+        "triton_exact_time_over_exact": ratio(triton, exact),
+        "triton_exact_time_over_scipy_loop": ratio(triton, scipy_),
     }
 
 

@@ -80,7 +80,7 @@ __all__ = [
     "transport_plan",
 ]
 
-Solver = Literal["auto", "assignment", "flow", "transport"]
+Solver = Literal["auto", "assignment", "flow", "transport", "triton"]
 
 _BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
 _COMPACT_AT = 0.9  # CPU flow solver: drop finished problems once a tenth of them are done
@@ -869,6 +869,42 @@ def _solve_flow(prep: Prepared, p: float) -> Tensor:
     return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
 
 
+def _solve_triton(prep: Prepared, p: float) -> Tensor:
+    """The flow problem of :func:`_solve_flow` (uniform weights on any supports), each solved by
+    one program of a fused Triton kernel (:mod:`ctxpred.wasserstein._triton`)."""
+    from ctxpred.wasserstein._triton import triton_transport_plan
+
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    mean = _center_of(y, b)
+    with torch.no_grad():
+        cost = _centered_cost(x.detach(), y.detach(), mean, p)
+        plan = triton_transport_plan(cost, a > 0, b > 0)
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
+
+
+def _check_triton(x: Tensor, y: Tensor) -> None:
+    from ctxpred.wasserstein import _triton
+
+    if not _triton.available():
+        raise ModuleNotFoundError(
+            "solver='triton' needs the triton package (it ships with PyTorch's CUDA wheels on "
+            "Linux; or pip install triton)"
+        )
+    n, m = x.shape[-2], y.shape[-2]
+    if max(n, m) > _triton.TRITON_MAX_SIZE:
+        raise ValueRangeError(
+            f"solver='triton' takes at most {_triton.TRITON_MAX_SIZE} points per side, got "
+            f"N={n}, M={m}; use solver='auto'"
+        )
+    expected = "cpu" if _triton.interpreting() else "cuda"
+    if x.device.type != expected:
+        raise ValueRangeError(
+            f"solver='triton' runs on CUDA tensors (CPU tensors only in Triton's interpreter, "
+            f"TRITON_INTERPRET=1), got a tensor on {x.device}"
+            + (" while TRITON_INTERPRET=1 is set" if expected == "cpu" else "")
+        )
+
+
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
     bsz, n_x, d = x.shape
@@ -1037,9 +1073,14 @@ def exact_wasserstein(
             accelerators. ``"flow"``: the device min-cost flow (:func:`transport_plan`; the
             sorted coupling :func:`monotone_plan` for 1-D points) for uniform weights on any
             supports. ``"transport"``: POT ``ot.emd`` per problem on the
-            host, any weights. A solver given weights it cannot handle raises
-            :class:`~ctxpred.errors.ValueRangeError` (CPU, or ``check_finite=True``) or fails a
-            device-side assert (accelerators: the error surfaces at the next synchronization).
+            host, any weights. ``"triton"``: the problems of ``"flow"`` (uniform weights on any
+            supports, ``N, M <= 32``), each solved whole by one program of a fused Triton kernel
+            (:mod:`ctxpred.wasserstein._triton`): one launch instead of the batched solvers'
+            hundreds to thousands of operations. CUDA tensors and the ``triton`` package (part of
+            PyTorch's CUDA wheels on Linux); eager mode; costs compared in float32. A solver
+            given weights it cannot handle raises :class:`~ctxpred.errors.ValueRangeError`
+            (CPU, or ``check_finite=True``) or fails a device-side assert (accelerators: the
+            error surfaces at the next synchronization).
         check_finite: check for NaN/Inf points and negative weights -- one host sync; pass
             ``False`` in training loops. (Named like this for every estimator; it also checks the
             weights.)
@@ -1058,19 +1099,21 @@ def exact_wasserstein(
         >>> exact_wasserstein(x, y, mask.float(), torch.tensor([0.0, 1.0]))
         tensor(1.)
     """
-    if solver not in ("auto", "assignment", "flow", "transport"):
+    if solver not in ("auto", "assignment", "flow", "transport", "triton"):
         raise ValueRangeError(
-            f"solver must be 'auto', 'assignment', 'flow' or 'transport', got {solver!r}"
+            f"solver must be 'auto', 'assignment', 'flow', 'transport' or 'triton', got {solver!r}"
         )
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
+    if solver == "triton":
+        _check_triton(x, y)
     with float32_core(prep.x.device):
         # Reading per-problem flags on the host is free on a CPU in eager mode, and already paid
         # for when check_finite=True (that check syncs); elsewhere nothing may wait for the device.
         routable = check_finite or host_checks_free(prep.x.device)
-        if not prep.weighted and solver in ("auto", "flow"):
+        if not prep.weighted and solver in ("auto", "flow", "triton"):
             if solver == "auto" and x.shape[-2] == y.shape[-2]:
                 return restore(_solve_assignment(prep, p), prep)
-            return restore(_solve_flow(prep, p), prep)
+            return restore((_solve_triton if solver == "triton" else _solve_flow)(prep, p), prep)
         if not prep.weighted or solver == "transport":
             solve = _solve_assignment if solver == "assignment" else _solve_transport
             if solver == "assignment" and x.shape[-2] != y.shape[-2]:
@@ -1081,13 +1124,13 @@ def exact_wasserstein(
             flags = torch.stack([uniform, equal]).cpu()  # free here (see above)
             return restore(_solve_mixed(prep, p, flags[0], flags[1]), prep)
         ok = uniform & equal if solver == "assignment" else uniform
-        message = _ASSIGNMENT_NEEDS if solver == "assignment" else _FLOW_NEEDS
+        message = _NEEDS.get(solver, _FLOW_NEEDS)
         if routable:
             if not bool(ok.all()):
                 raise ValueRangeError(message)
         else:  # no host sync: a device-side assert (it fails the call asynchronously)
             torch._assert_async(ok.all(), message)
-        solve = _solve_assignment if solver == "assignment" else _solve_flow
+        solve = _SOLVE.get(solver, _solve_flow)
         return restore(solve(prep, p), prep)
 
 
@@ -1101,6 +1144,12 @@ _FLOW_NEEDS = (
     "needs uniform weights on each side's support (0/1 masks); for general weights use "
     "solver='transport' (POT on the host), or 'auto' with check_finite=True"
 )
+_TRITON_NEEDS = (
+    "solver='triton' needs uniform weights on each side's support (0/1 masks); for general "
+    "weights use solver='transport' (POT on the host), or 'auto' with check_finite=True"
+)
+_NEEDS = {"assignment": _ASSIGNMENT_NEEDS, "triton": _TRITON_NEEDS}  # else _FLOW_NEEDS
+_SOLVE = {"assignment": _solve_assignment, "triton": _solve_triton}  # else _solve_flow
 
 
 class ExactWasserstein(EstimatorModule):
@@ -1108,7 +1157,7 @@ class ExactWasserstein(EstimatorModule):
 
     Args:
         p: cost exponent ``>= 1``; the value is :math:`W_p^p` (``p=2``: squared Euclidean cost).
-        solver: ``"auto"``, ``"assignment"``, ``"flow"`` or ``"transport"`` (see
+        solver: ``"auto"``, ``"assignment"``, ``"flow"``, ``"transport"`` or ``"triton"`` (see
             :func:`exact_wasserstein`).
         check_finite: check for NaN/Inf points and negative weights (one host sync); ``False``
             in training loops.
