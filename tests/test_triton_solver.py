@@ -248,3 +248,14 @@ def test_the_estimators_benchmark_times_the_kernel(tmp_path, monkeypatch):
         row = next(r for r in config["rows"] if r["name"] == estimators.TRITON_ROW)
         assert row["rel_err_abs_max"] < 1e-5 and row["grad_cos_min"] > 0.9999, row
         assert config["targets"][key] is not None
+
+
+@kernel_test
+def test_the_plan_function_checks_its_masks():
+    from ctxpred.wasserstein._triton import triton_transport_plan
+
+    cost = torch.zeros(3, 4, 5, device=DEVICE)
+    with pytest.raises(ValueError, match=r"col_valid must be \(3, 5\)"):
+        triton_transport_plan(cost, None, torch.ones(3, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"cost must be \(B, n, m\)"):
+        triton_transport_plan(cost[0])

@@ -29,6 +29,7 @@ after another: slow, for tests), so its correctness is checked on machines witho
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -127,16 +128,20 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         row_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
     if col_valid is None:
         col_valid = torch.ones(bsz, m, dtype=torch.bool, device=device)
+    for name, mask, size in (("row_valid", row_valid, n), ("col_valid", col_valid, m)):
+        if tuple(mask.shape) != (bsz, size) or mask.device != device:
+            raise ValueError(f"{name} must be ({bsz}, {size}) on {device} for cost "
+                             f"{tuple(cost.shape)}, got {tuple(mask.shape)} on {mask.device}")
     plan = torch.empty(bsz, n, m, dtype=torch.float32, device=device)
     if plan.numel() == 0:
         return plan.to(cost.dtype)
     br, bc = _block(n), _block(m)
     kernel = _kernel()
     warps = num_warps(br, bc)
-    kernel[(bsz,)](
-        cost.detach().to(torch.float32).contiguous(),
-        row_valid.to(torch.int8).contiguous(),
-        col_valid.to(torch.int8).contiguous(),
-        plan, n, m, BR=br, BC=bc, num_warps=warps,
-    )
+    args = (cost.detach().to(torch.float32).contiguous(), row_valid.to(torch.int8).contiguous(),
+            col_valid.to(torch.int8).contiguous(), plan, n, m)
+    # Triton launches on the current CUDA device: make it the tensors' (cuda:1 while cuda:0 is
+    # current would read another device's memory).
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernel[(bsz,)](*args, BR=br, BC=bc, num_warps=warps)
     return plan.to(cost.dtype)
