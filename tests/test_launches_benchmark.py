@@ -38,8 +38,23 @@ def test_rounds_needed_and_the_report(tmp_path) -> None:
     sorted_coupling = next(r for r in doc["rows"] if r["estimator"] == "exact" and r["D"] == 1)
     assert "per_round" not in sorted_coupling and sorted_coupling["ops"] < flow["start"]
     text = launches.markdown(doc)
-    assert text.count("\n| 4 |") == 6 and "| 4 | 3 | yes | exact |" in text
+    assert text.count("\n| 4 |") == 2 * len(launches.ESTIMATORS)
+    assert "| 4 | 3 | yes | exact |" in text
 
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(launches).failed == 0
+
+
+def test_the_triton_solver_is_one_kernel_plus_the_cost_and_gradient(monkeypatch) -> None:
+    # the stand-in needs no triton; the count is the cost matrix, the value and its gradient
+    # around one kernel, for any K and batch, far below the batched solvers'
+    from ctxpred.wasserstein import _triton
+
+    monkeypatch.setattr(_triton, "available", lambda: False)
+    counts = {(k, masked, problems): launches.count_ops(exact_wasserstein, k, 3, masked,
+                                                        problems, solver="triton")
+              for k in (8, 24) for masked in (False, True) for problems in (3, 40)}
+    assert counts[8, False, 3] == counts[8, False, 40] == counts[24, False, 3]
+    assert counts[8, True, 3] == counts[8, True, 40]
+    assert max(counts.values()) < 100 < launches.count_ops(exact_wasserstein, 8, 3, False)
