@@ -259,3 +259,30 @@ def test_the_plan_function_checks_its_masks():
         triton_transport_plan(cost, None, torch.ones(3, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match=r"cost must be \(B, n, m\)"):
         triton_transport_plan(cost[0])
+
+
+@kernel_test
+def test_float64_and_bfloat16_inputs():
+    """float64 points: the plan's weights are exact in float64 (row sums 1/n_a to 1e-15, so the
+    value carries no float32 rounding of 1/56-type weights; the costs are still compared in
+    float32); bfloat16 points are computed in float32 and returned in bfloat16."""
+    from ctxpred.wasserstein._triton import triton_transport_plan
+
+    x, y, a, b = masked_problem(21, 6, 8, 8, 3, 1.0, 0.0, False)
+    a[:] = 1.0
+    b[:, :1] = 0.0  # 8 samples against 7 neighbors: weights 1/8 and 1/7, 56 units
+    b[:, 1:] = 1.0
+    cost = ((x.double()[:, :, None] - y.double()[:, None]) ** 2).sum(-1)
+    plan = triton_transport_plan(*_on(DEVICE, cost, a > 0, b > 0)).cpu()
+    assert plan.dtype == torch.float64
+    torch.testing.assert_close(plan.sum(2), torch.full((6, 8), 1 / 8, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+    got = exact_wasserstein(*_on(DEVICE, x.double(), y.double(), a, b), solver="triton",
+                            check_finite=False)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.cpu(), pot_oracle(x, y, a, b), rtol=1e-9, atol=1e-12)
+    low = exact_wasserstein(*_on(DEVICE, x.bfloat16(), y.bfloat16(), a, b), solver="triton",
+                            check_finite=False)
+    assert low.dtype == torch.bfloat16
+    want = pot_oracle(x.bfloat16().float(), y.bfloat16().float(), a, b)
+    torch.testing.assert_close(low.cpu().double(), want, rtol=1e-2, atol=1e-3)

@@ -144,4 +144,6 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     # current would read another device's memory).
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         kernel[(bsz,)](*args, BR=br, BC=bc, num_warps=warps)
-    return plan.to(cost.dtype)
+    # whole units (small integers, exact in float32) -> weights, in the cost's dtype
+    plan = plan.to(cost.dtype)
+    return plan / plan.sum((1, 2), keepdim=True).clamp_min(1)

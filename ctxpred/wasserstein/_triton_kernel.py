@@ -10,6 +10,12 @@ __all__ = ["flow_kernel"]
 
 def flow_program(cost_ptr, row_ptr, col_ptr, plan_ptr, n, m, BR: tl.constexpr,
                  BC: tl.constexpr):
+    """Program ``pid`` solves problem ``pid``: ``cost_ptr`` ``(B, n, m)`` float32 costs,
+    ``row_ptr`` ``(B, n)`` / ``col_ptr`` ``(B, m)`` int8 validity, ``plan_ptr`` ``(B, n, m)``
+    float32 output: the optimal flow in whole units (``n_b / g`` per valid row, ``n_a / g`` per
+    valid column; the caller divides by their total).
+    ``BR >= n`` and ``BC >= m`` are the power-of-two tile sizes. The algorithm is described in
+    :mod:`ctxpred.wasserstein._triton`."""
     # One program = one problem. Tiles are (BR, BC) >= (n, m), padded rows/columns invalid.
     pid = tl.program_id(0).to(tl.int64)
     ri = tl.arange(0, BR)
@@ -36,7 +42,6 @@ def flow_program(cost_ptr, row_ptr, col_ptr, plan_ptr, n, m, BR: tl.constexpr,
     g = tl.maximum(ga, 1)
     supply = tl.where(rv, nb // g, 0)
     demand = tl.where(cv, na // g, 0)
-    total = na * nb // g
 
     # Dual-feasible start: row then column reduction.
     cm = tl.where(inb, c, 1e30)  # finite: a row or column with no valid partner stays finite
@@ -121,8 +126,7 @@ def flow_program(cost_ptr, row_ptr, col_ptr, plan_ptr, n, m, BR: tl.constexpr,
         left = tl.where(ok, left - push, 0)
         rounds += 1
 
-    scale = tl.where(total > 0, 1.0 / tl.maximum(total, 1).to(tl.float32), 0.0)
-    tl.store(plan_ptr + cell, flow.to(tl.float32) * scale, mask=inside)
+    tl.store(plan_ptr + cell, flow.to(tl.float32), mask=inside)
 
 
 flow_kernel = triton.jit(flow_program)
