@@ -234,6 +234,33 @@ def test_fresh_exact_stage_runs_every_arm_on_seeds_no_other_stage_used() -> None
         assert a == b
 
 
+def test_noninferiority_stage_runs_two_arms_on_unused_seeds_and_judges_by_its_margin() -> None:
+    stage = quality.STAGES["exact-noninferior"]
+    runs = quality.study_runs(stage, _args())
+    assert not stage.baseline and stage.margin == 10.0 and not stage.reuse
+    assert {r.variant for r in runs} == {"px-l0.3-snr", "px-l0.3-snr-exact"}  # no baseline arm
+    assert len(runs) == 40 and {r.seed for r in runs} == set(range(50, 70))
+    used = {seed for name, other in quality.STAGES.items() if name != stage.name
+            for seed in other.seeds}
+    assert used.isdisjoint(range(50, 70))
+    # the table: no baseline comparison (and so no verdict), the head to head with the margin
+    rec = lambda v: {"metrics": {"swd": v, "neighbor": v}}  # noqa: E731
+    sinkhorn = [1.0, 2.0, 3.0, 4.0, 5.0]
+    close = [1.01, 1.98, 3.02, 4.0, 5.01]  # upper bound a few % above 0
+    far = [1.3, 2.1, 3.5, 4.1, 5.9]  # upper bound far above +10%
+    records = {f"t/s/{k}": rec(v) for k, v in enumerate(sinkhorn)}
+    records.update({f"t/e/{k}": rec(v) for k, v in enumerate(close)})
+    records.update({f"t/f/{k}": rec(v) for k, v in enumerate(far)})
+    table = quality.study_table("h2h", records)
+    assert "No baseline arm" in table and "verdict" not in table
+    text = quality.head_to_head(records, (("e", "s"), ("f", "s")), margin=10.0)
+    rows = {line.split(" |")[0]: line for line in text.splitlines() if line.startswith("| e")
+            or line.startswith("| f")}
+    assert rows["| e - s"].endswith("| yes |") and rows["| f - s"].endswith("| no |")
+    assert "non-inferior = every upper bound below +10%" in text
+    assert "non-inferior" not in quality.head_to_head(records, (("e", "s"),))
+
+
 def test_compact_spec_ignores_fields_left_at_their_default() -> None:
     frozen = quality.FINGERPRINT_DEFAULTS["ContextConfig"]
     cfg = TrainConfig(seed=2, context=ContextConfig(weight=0.5, points=frozen["points"],
