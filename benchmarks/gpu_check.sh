@@ -13,6 +13,8 @@
 #   PYTEST_ARGS  extra pytest arguments (e.g. "-k wasserstein")
 #   QUICK=1      tiny benchmark sizes, written under OUT (or /tmp), not to docs/results
 #
+# Order: the exact solvers' kernel tests and a focused benchmark (16384x8x64, masked and not)
+# first, written under OUT (or /tmp), then the whole test suite and the full benchmark.
 # Writes docs/results/estimators_$DEVICE.{json,md} (commit them); exits non-zero if the tests or
 # the benchmark failed, 2 if the device is missing.
 set -uo pipefail
@@ -40,6 +42,18 @@ print(f"torch {torch.__version__} on {name}", flush=True)
 EOF
 
 status=0
+# First what matters most, in case the device time runs out: the exact solvers' tests on the
+# device (the fused kernel of solver="triton" has never run on a GPU) and their timing on the
+# 16384x8x64 workload, masked and unmasked (the <= 4 ms target).
+"$PY" -m pytest -q -p no:cacheprovider -x tests/test_triton_solver.py 2>&1 \
+    | tee "$LOGS/gpu_check_triton_tests.log" || status=1
+focus=(benchmarks/estimators.py --device "$DEVICE" --repeats 3 --configs 16384x8x64m,16384x8x64
+       --skip geomloss "POT ot.batch" --out "$LOGS/estimators_${DEVICE}_focus")
+if [ "${QUICK:-0}" = 1 ]; then
+    focus=(benchmarks/estimators.py --device "$DEVICE" --quick --out "$LOGS/estimators_focus")
+fi
+"$PY" "${focus[@]}" 2>&1 | tee "$LOGS/gpu_check_focus.log" || status=1
+
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of arguments
 "$PY" -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-} tests ctxpred 2>&1 \
     | tee "$LOGS/gpu_check_tests.log" || status=1
