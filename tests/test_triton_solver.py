@@ -286,3 +286,14 @@ def test_float64_and_bfloat16_inputs():
     assert low.dtype == torch.bfloat16
     want = pot_oracle(x.bfloat16().float(), y.bfloat16().float(), a, b)
     torch.testing.assert_close(low.cpu().double(), want, rtol=1e-2, atol=1e-3)
+
+
+@needs_triton
+@pytest.mark.skipif(CHILD, reason="compiles in the parent")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_is_refused_with_a_clear_error():
+    """Untested under torch.compile (no GPU has run the kernel): refused by name, not left to
+    fail somewhere inside the compiler."""
+    compiled = torch.compile(lambda x: exact_wasserstein(x, x, solver="triton"))
+    with pytest.raises(ValueRangeError, match="solver='triton' runs in eager mode"):
+        compiled(torch.randn(2, 4, 3))

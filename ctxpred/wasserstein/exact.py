@@ -890,6 +890,11 @@ def _check_triton(x: Tensor, y: Tensor) -> None:
             "solver='triton' needs the triton package (it ships with PyTorch's CUDA wheels on "
             "Linux; or pip install triton)"
         )
+    if _is_compiling():
+        raise ValueRangeError(
+            "solver='triton' runs in eager mode (under torch.compile it is untested: the kernel "
+            "has not run on a GPU yet); use solver='auto' inside compiled code"
+        )
     n, m = x.shape[-2], y.shape[-2]
     if max(n, m) > _triton.TRITON_MAX_SIZE:
         raise ValueRangeError(
