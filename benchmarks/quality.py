@@ -967,12 +967,12 @@ def study_table(stage: str, records: dict[str, dict[str, Any]],
         primary = PRIMARY_METRICS.get(dataset, DEFAULT_PRIMARY)
         base = variants.get("baseline", {})
         judged = stage != "sweep"  # the sweep only ranks: no verdict column
+        lines += [f"### {stage}: {dataset}", ""]
         if not base:  # a head-to-head stage: no comparison with a baseline to show
-            lines += [f"### {stage}: {dataset}", "", "No baseline arm in this stage: its "
-                      "variants are compared head to head (below).", ""]
+            lines += ["No baseline arm in this stage: its variants are compared head to head "
+                      "(below).", ""]
         else:
-            lines += [f"### {stage}: {dataset}", "",
-                      "Variant minus baseline on the same seeds, in % of the baseline mean: mean "
+            lines += ["Variant minus baseline on the same seeds, in % of the baseline mean: mean "
                       "[95% paired-t interval]; p = paired t-test (Holm-adjusted over the "
                       f"{len(primary)} primary metrics). Negative = better."
                       + (" Verdict: the declared decision rule (`verdict()` in "

@@ -38,6 +38,9 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from ctxpred.errors import ShapeError, ValueRangeError
+from ctxpred.wasserstein._validate import _is_compiling
+
 __all__ = ["TRITON_MAX_SIZE", "available", "triton_transport_plan"]
 
 TRITON_MAX_SIZE = 32
@@ -110,21 +113,27 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     if not available():
         raise ModuleNotFoundError(
             "solver='triton' needs the triton package (it ships with PyTorch's CUDA wheels on "
-            "Linux; pip install triton)"
+            "Linux; or pip install triton)"
+        )
+    if _is_compiling():
+        raise ValueRangeError(
+            "solver='triton' runs in eager mode (under torch.compile it is untested: the kernel "
+            "has not run on a GPU yet); use solver='auto' inside compiled code"
         )
     if cost.dim() != 3:
-        raise ValueError(f"cost must be (B, n, m), got shape {tuple(cost.shape)}")
+        raise ShapeError(f"cost must be (B, n, m), got shape {tuple(cost.shape)}")
     bsz, n, m = cost.shape
-    if n > TRITON_MAX_SIZE or m > TRITON_MAX_SIZE:
-        raise ValueError(
-            f"the triton kernel takes n, m <= {TRITON_MAX_SIZE}, got (n, m) = ({n}, {m})"
+    if max(n, m) > TRITON_MAX_SIZE:
+        raise ValueRangeError(
+            f"solver='triton' takes at most {TRITON_MAX_SIZE} points per side, got N={n}, "
+            f"M={m}; use solver='auto'"
         )
     device = cost.device
     expected = "cpu" if interpreting() else "cuda"
     if device.type != expected:
-        raise ValueError(
+        raise ValueRangeError(
             f"solver='triton' runs on CUDA tensors (CPU tensors only in Triton's interpreter, "
-            f"TRITON_INTERPRET=1); got a tensor on {device}"
+            f"TRITON_INTERPRET=1), got a tensor on {device}"
             + (" while TRITON_INTERPRET=1 is set" if expected == "cpu" else "")
         )
     if row_valid is None:
@@ -133,7 +142,7 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         col_valid = torch.ones(bsz, m, dtype=torch.bool, device=device)
     for name, mask, size in (("row_valid", row_valid, n), ("col_valid", col_valid, m)):
         if tuple(mask.shape) != (bsz, size) or mask.device != device:
-            raise ValueError(f"{name} must be ({bsz}, {size}) on {device} for cost "
+            raise ShapeError(f"{name} must be ({bsz}, {size}) on {device} for cost "
                              f"{tuple(cost.shape)}, got {tuple(mask.shape)} on {mask.device}")
     plan = torch.empty(bsz, n, m, dtype=torch.float32, device=device)
     if plan.numel() == 0:

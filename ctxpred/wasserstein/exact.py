@@ -48,6 +48,7 @@ gradient on every path.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Literal
 
@@ -859,55 +860,21 @@ def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return plan[:, :n_x, :n_y] * a.unsqueeze(-1)  # a = 0 on unmatched rows
 
 
-def _solve_flow(prep: Prepared, p: float) -> Tensor:
-    """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports."""
+def _solve_flow(prep: Prepared, p: float, kernel: bool = False) -> Tensor:
+    """Device min-cost flow (:func:`transport_plan`) for uniform weights on any supports;
+    ``kernel``: each problem solved by one program of the fused Triton kernel instead
+    (:mod:`ctxpred.wasserstein._triton`, ``solver="triton"``)."""
     x, y, a, b = prep.x, prep.y, prep.a, prep.b
     mean = _center_of(y, b)
     with torch.no_grad():
         cost = _centered_cost(x.detach(), y.detach(), mean, p)
-        plan = _uniform_plan(cost, x.detach(), y.detach(), a > 0, b > 0)
+        if kernel:
+            from ctxpred.wasserstein._triton import triton_transport_plan
+
+            plan = triton_transport_plan(cost, a > 0, b > 0)
+        else:
+            plan = _uniform_plan(cost, x.detach(), y.detach(), a > 0, b > 0)
     return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
-
-
-def _solve_triton(prep: Prepared, p: float) -> Tensor:
-    """The flow problem of :func:`_solve_flow` (uniform weights on any supports), each solved by
-    one program of a fused Triton kernel (:mod:`ctxpred.wasserstein._triton`)."""
-    from ctxpred.wasserstein._triton import triton_transport_plan
-
-    x, y, a, b = prep.x, prep.y, prep.a, prep.b
-    mean = _center_of(y, b)
-    with torch.no_grad():
-        cost = _centered_cost(x.detach(), y.detach(), mean, p)
-        plan = triton_transport_plan(cost, a > 0, b > 0)
-    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
-
-
-def _check_triton(x: Tensor, y: Tensor) -> None:
-    from ctxpred.wasserstein import _triton
-
-    if not _triton.available():
-        raise ModuleNotFoundError(
-            "solver='triton' needs the triton package (it ships with PyTorch's CUDA wheels on "
-            "Linux; or pip install triton)"
-        )
-    if _is_compiling():
-        raise ValueRangeError(
-            "solver='triton' runs in eager mode (under torch.compile it is untested: the kernel "
-            "has not run on a GPU yet); use solver='auto' inside compiled code"
-        )
-    n, m = x.shape[-2], y.shape[-2]
-    if max(n, m) > _triton.TRITON_MAX_SIZE:
-        raise ValueRangeError(
-            f"solver='triton' takes at most {_triton.TRITON_MAX_SIZE} points per side, got "
-            f"N={n}, M={m}; use solver='auto'"
-        )
-    expected = "cpu" if _triton.interpreting() else "cuda"
-    if x.device.type != expected:
-        raise ValueRangeError(
-            f"solver='triton' runs on CUDA tensors (CPU tensors only in Triton's interpreter, "
-            f"TRITON_INTERPRET=1), got a tensor on {x.device}"
-            + (" while TRITON_INTERPRET=1 is set" if expected == "cpu" else "")
-        )
 
 
 def _solve_assignment(prep: Prepared, p: float) -> Tensor:
@@ -1109,8 +1076,6 @@ def exact_wasserstein(
             f"solver must be 'auto', 'assignment', 'flow', 'transport' or 'triton', got {solver!r}"
         )
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
-    if solver == "triton":
-        _check_triton(x, y)
     with float32_core(prep.x.device):
         # Reading per-problem flags on the host is free on a CPU in eager mode, and already paid
         # for when check_finite=True (that check syncs); elsewhere nothing may wait for the device.
@@ -1118,7 +1083,7 @@ def exact_wasserstein(
         if not prep.weighted and solver in ("auto", "flow", "triton"):
             if solver == "auto" and x.shape[-2] == y.shape[-2]:
                 return restore(_solve_assignment(prep, p), prep)
-            return restore((_solve_triton if solver == "triton" else _solve_flow)(prep, p), prep)
+            return restore(_SOLVE.get(solver, _solve_flow)(prep, p), prep)
         if not prep.weighted or solver == "transport":
             solve = _solve_assignment if solver == "assignment" else _solve_transport
             if solver == "assignment" and x.shape[-2] != y.shape[-2]:
@@ -1154,7 +1119,8 @@ _TRITON_NEEDS = (
     "weights use solver='transport' (POT on the host), or 'auto' with check_finite=True"
 )
 _NEEDS = {"assignment": _ASSIGNMENT_NEEDS, "triton": _TRITON_NEEDS}  # else _FLOW_NEEDS
-_SOLVE = {"assignment": _solve_assignment, "triton": _solve_triton}  # else _solve_flow
+_SOLVE = {"assignment": _solve_assignment,  # else _solve_flow
+          "triton": functools.partial(_solve_flow, kernel=True)}
 
 
 class ExactWasserstein(EstimatorModule):
