@@ -139,10 +139,15 @@ def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
     col_valid = torch.zeros(40, n, dtype=torch.bool)
     for b in range(40):
         col_valid[b, torch.randperm(n, generator=g)[: int(row_valid[b].sum())]] = True
-    for limit, fixed in ((8, False), (0, False), (0, True)):  # 0: force the Hungarian path
+    every = torch.ones(40, n, dtype=torch.bool)
+    # 0: force the Hungarian path; fixed: the accelerators' schedule (no CPU start, no early
+    # exit); all valid: the CPU start's unmasked branch
+    for limit, fixed, all_valid in ((8, False, False), (0, False, False), (0, True, False),
+                                    (0, False, True), (0, True, True)):
         monkeypatch.setattr(exact, "_DP_MAX_N", limit)
-        # fixed: the accelerators' schedule (no CPU start, no early exit)
         monkeypatch.setattr(exact, "host_checks_free", lambda device, fixed=fixed: not fixed)
+        if all_valid:
+            row_valid = col_valid = every
         match = assignment(cost, row_valid, col_valid)
         for b in range(40):
             rows, cols = row_valid[b].nonzero()[:, 0], col_valid[b].nonzero()[:, 0]

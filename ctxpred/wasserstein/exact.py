@@ -125,44 +125,46 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     # row per phase, every problem at once. Duals u (rows) and v (columns) change only at the
     # end of a phase; inside it, Dijkstra keeps the path costs `spc` of the unvisited columns.
     # Problems run along the last axis -- (n, B) layout -- so reductions over columns vectorize.
-    cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
-    row_valid, col_valid = row_valid.t(), col_valid.t()
-    u = cost.new_zeros(n, bsz)
-    blocked = ~col_valid
-    big = _BIG
-    rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
     # On a CPU "is every problem done?" costs nothing (there is no device queue to drain), so
     # loops stop early there; on accelerators they run their fixed, data-independent count.
     early_exit = host_checks_free(device)
-    blocked_big = blocked.to(cost.dtype) * big
-    spc_at_visit = cost.new_zeros(n, bsz)
-    visited_f = cost.new_zeros(n, bsz)
-    path_f = cost.new_zeros(n, bsz)
-    # row r of problem b is cost_t[r, :, b]; the flat offsets of (n, B) tensors: row 0 is the
-    # problem index. Inside a phase rows are fetched whole from the (B n, n) layout instead (one
-    # contiguous read per problem, then transposed): several times faster than a strided take.
-    column_offsets = torch.arange(n * bsz, device=device).view(n, bsz)
-    cost_rows = cost.reshape(bsz * n, n)
+    big = _BIG
     # CPU start (column reduction, as in Jonker-Volgenant): v_j = min over valid rows of C_ij
     # keeps the duals feasible (u = 0); each row that is the first minimum of some columns takes
     # the first of them (a tight arc). About 1 - 1/e of the rows start matched and skip their
     # phase; the others' paths may then pass every matched row. The fixed schedule of the
     # accelerators starts empty instead (phase r needs at most r + 1 steps: n(n+1)/2 in all).
+    # Computed in the (problem, row, column) layout: one min-with-index over rows and one
+    # scatter-min, no (row, column, problem) copy of the costs.
     v = cost.new_zeros(n, bsz)
     col4row = torch.full((n, bsz), -1, dtype=torch.long, device=device)
     row4col = torch.full((n, bsz), -1, dtype=torch.long, device=device)
     if early_exit:
-        col_cost = torch.where(row_valid.unsqueeze(1), cost_t, big)  # (row, column, problem)
-        v = torch.where(col_valid, col_cost.amin(0), 0.0)
-        _, arg_row = _argmin_dim(col_cost, 0, rows_f.unsqueeze(1))  # (column, problem), float
-        owns = (arg_row.unsqueeze(0) == rows_f.unsqueeze(1)) & col_valid.unsqueeze(0)
-        first = torch.where(owns, rows_f.view(1, n, 1), float(n)).amin(1)  # (row, problem)
+        col_cost = cost if bool(row_valid.all()) else torch.where(
+            row_valid.unsqueeze(2), cost, big)
+        low, arg_row = col_cost.min(1)  # (problem, column): the minimum and a row attaining it
+        v = torch.where(col_valid, low, 0.0).t().contiguous()
+        # each row takes the first column it is the minimum of (invalid columns: a dummy row n)
+        columns = torch.arange(n, device=device).expand(bsz, n)
+        first = torch.full((bsz, n + 1), n, dtype=torch.long, device=device).scatter_reduce_(
+            1, torch.where(col_valid, arg_row, n), columns, reduce="amin")[:, :n]
         taken = (first < n) & row_valid
-        col4row = torch.where(taken, first.long(), -1)
-        owner = torch.full((n + 1, bsz), -1, dtype=torch.long, device=device)  # n: a dummy
-        owner.scatter_(0, torch.where(taken, col4row, n),
-                       torch.arange(n, device=device).unsqueeze(1).expand(n, bsz))
-        row4col = owner[:n].contiguous()
+        col4row = torch.where(taken, first, -1).t().contiguous()
+        owner = torch.full((bsz, n + 1), -1, dtype=torch.long, device=device)  # n: a dummy
+        owner.scatter_(1, torch.where(taken, first, n), columns)
+        row4col = owner[:, :n].t().contiguous()
+        cost_t = None
+    else:
+        cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
+    row_valid, col_valid = row_valid.t(), col_valid.t()
+    u = cost.new_zeros(n, bsz)
+    blocked = ~col_valid
+    rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
+    blocked_big = blocked.to(cost.dtype) * big
+    # Inside a phase row r of problem b is fetched whole from the (B n, n) layout (one
+    # contiguous read per problem, then transposed): several times faster than a strided take.
+    cost_rows = cost.reshape(bsz * n, n)
+    problems = torch.arange(bsz, device=device).unsqueeze(0)  # (1, B)
     row4col_f = row4col.to(cost.dtype)  # row4col as float, for the inner loop
 
     def steps(r: int) -> int:  # phase r: at most one step per matched row, plus the free one
@@ -170,33 +172,34 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
 
     for r in range(n):
         valid = row_valid[r : r + 1] & (col4row[r : r + 1] < 0)  # free rows search a path
-        # Working set: the problems still searching (CPU: compacted as they finish).
-        pid = valid[0].nonzero().squeeze(1) if early_exit else None
-        width = bsz if pid is None else pid.numel()
+        # The phase's problems: all, in order (accelerators), or those whose row r is free
+        # (CPU). Inside the phase the working set (`loc`: positions among them, `prob`: problem
+        # indices) shrinks as problems finish (CPU: compacted when half of them have).
+        phase = valid[0].nonzero().squeeze(1) if early_exit else None
+        width = bsz if phase is None else phase.numel()
 
-        def pick(t: Tensor, pid: Tensor | None = pid) -> Tensor:
-            return t if pid is None else t.index_select(1, pid)
+        def pick(t: Tensor, phase: Tensor | None = phase) -> Tensor:
+            return t if phase is None else t.index_select(1, phase)
 
-        min_all = sink_all = None
         act = pick(valid.to(cost.dtype))  # 1 while the problem still searches in this phase
         min_val = cost.new_zeros(1, width)
-        w_spc_at_visit = cost.new_zeros(n, width)
+        spc_at_visit = cost.new_zeros(n, width)
         spc = cost.new_full((n, width), big)  # path costs of unvisited columns (big: visited)
         neg_v = pick(blocked_big - v)  # -v; +big where blocked (and, below, where visited)
-        w_visited = cost.new_zeros(n, width)
-        w_path = cost.new_zeros(n, width)
+        visited_f = cost.new_zeros(n, width)
+        path_f = cost.new_zeros(n, width)
         row_i = cost.new_full((1, width), float(r))
         row_l = torch.full((1, width), r, dtype=torch.long, device=device)
         u_i = pick(u[r : r + 1])
         sink = cost.new_full((1, width), -1.0)
-        offsets = pick(column_offsets)
-        first_row = pick(cost_t[r])
-        if pid is not None:
-            spc_at_visit.zero_()
-            visited_f.zero_()
-            path_f.zero_()
-            min_all = cost.new_zeros(1, bsz)
-            sink_all = cost.new_full((1, bsz), -1.0)
+        prob = pick(problems)
+        if cost_t is not None:  # accelerators: all problems, in order
+            first_row = cost_t[r]
+        else:  # CPU: the searching problems' row r
+            first_row = cost_rows.index_select(0, prob[0] * n + r).t().contiguous()
+        # the phase's results, by position among its problems (CPU: kept as problems leave)
+        results = (spc_at_visit, visited_f, path_f, min_val, sink)
+        loc = None if phase is None else torch.arange(width, device=device)
 
         # Phase r: one Dijkstra step per matched column at most, plus the free one (r + 1 from
         # the empty start; n from the CPU's column reduction).
@@ -208,80 +211,75 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             if step == 0:
                 row = first_row
             else:
-                row = cost_rows.index_select(0, offsets[0] * n + row_l[0]).t().contiguous()
+                row = cost_rows.index_select(0, prob[0] * n + row_l[0]).t().contiguous()
             reduced = row + neg_v + offset
             better = torch.sign(spc - reduced).clamp_min_(0.0)
             torch.minimum(spc, reduced, out=spc)
-            w_path.addcmul_(better, row_i - w_path)
+            path_f.addcmul_(better, row_i - path_f)
             low = spc.amin(0, keepdim=True)
             key = torch.add(rows_f, torch.sign(spc - low), alpha=n)
             j_f = key.amin(0, keepdim=True)
             min_val.addcmul_(act, low - min_val)
             # one-hot of the visited column (key - j_f is 0 there, an integer >= 1 elsewhere)
             hit = (key - j_f).clamp_max_(1.0).neg_().add_(1.0).mul_(act)
-            w_visited.add_(hit)
-            w_spc_at_visit.addcmul_(hit, low)
+            visited_f.add_(hit)
+            spc_at_visit.addcmul_(hit, low)
             hit.mul_(big)
             spc.add_(hit)
             neg_v.add_(hit)
-            owner = row4col_f.take(offsets[:1] + j_f.long() * bsz)
+            owner = row4col_f.take(prob + j_f.long() * bsz)
             free = (-owner).clamp_min_(0.0)  # 1 if the column is unmatched (owner -1)
             done = act * free
             sink.addcmul_(done, j_f - sink)
             row_i.addcmul_(act - done, owner - row_i)
             row_l = row_i.long()
-            u_i = u.take(offsets[:1] + row_l * bsz)
+            u_i = u.take(prob + row_l * bsz)
             act = act - done
-            if pid is not None:  # CPU: count the searching problems, compact when half are done
+            if loc is not None:  # CPU: count the searching problems, compact when half are done
                 remaining = int(act.sum())
                 if remaining == 0:
                     break
                 if 2 * remaining <= width:
-                    _scatter_back(pid, (spc_at_visit, visited_f, path_f, min_all, sink_all),
-                                  (w_spc_at_visit, w_visited, w_path, min_val, sink))
+                    _scatter_back(loc, results, (spc_at_visit, visited_f, path_f, min_val, sink))
                     keep = act[0].nonzero().squeeze(1)
-                    pid, width = pid.index_select(0, keep), remaining
-                    (act, min_val, w_spc_at_visit, spc, neg_v, w_visited, w_path, row_i, row_l,
-                     u_i, sink, offsets) = (
+                    loc, width = loc.index_select(0, keep), remaining
+                    (act, min_val, spc_at_visit, spc, neg_v, visited_f, path_f, row_i, row_l,
+                     u_i, sink, prob) = (
                         t.index_select(1, keep) for t in (
-                            act, min_val, w_spc_at_visit, spc, neg_v, w_visited, w_path, row_i,
-                            row_l, u_i, sink, offsets))
-        if pid is not None:
-            _scatter_back(pid, (spc_at_visit, visited_f, path_f, min_all, sink_all),
-                          (w_spc_at_visit, w_visited, w_path, min_val, sink))
-            min_val, sink = min_all, sink_all
-        else:
-            spc_at_visit, visited_f, path_f = w_spc_at_visit, w_visited, w_path
-        path = path_f.long()
-        sink = sink.long()
+                            act, min_val, spc_at_visit, spc, neg_v, visited_f, path_f, row_i,
+                            row_l, u_i, sink, prob))
+        if loc is not None:
+            _scatter_back(loc, results, (spc_at_visit, visited_f, path_f, min_val, sink))
+        spc_at_visit, visited_f, path_f, min_val, sink = results
+        # End of the phase, on its problems only: dual update, then augmentation.
         # Dual update: visited rows and columns move by min_val minus their path cost.
+        p_u, p_v, p_r4c, p_c4r = (pick(t) for t in (u, v, row4col, col4row))
+        p_valid = pick(valid)
         shift = visited_f * (min_val - spc_at_visit)
-        assigned = (row4col_f + 1.0).clamp_max_(1.0)
-        u.scatter_add_(0, row4col.clamp_min(0), assigned * shift)
-        u[r : r + 1] += valid.to(cost.dtype) * min_val
-        v = v - shift
-        # Augment along the alternating path from the sink back to row r (CPU: only the
-        # problems that found one, copied out and back).
-        going = valid & (sink >= 0)
-        j = sink.clamp_min(0)
-        sel = going[0].nonzero().squeeze(1) if early_exit else None  # host: CPU eager only
-        a_path, a_r4c, a_c4r = (path, row4col, col4row) if sel is None else (
-            t.index_select(1, sel) for t in (path, row4col, col4row))
-        if sel is not None:
-            going, j = going.index_select(1, sel), j.index_select(1, sel)
+        p_u.scatter_add_(0, p_r4c.clamp_min(0), (p_r4c >= 0).to(cost.dtype) * shift)
+        p_u[r : r + 1] += p_valid.to(cost.dtype) * min_val
+        p_v = p_v - shift
+        # Augment along the alternating path from the sink back to row r.
+        path = path_f.long()
+        sink_l = sink.long()
+        going = p_valid & (sink_l >= 0)
+        j = sink_l.clamp_min(0)
         for step in range(steps(r)):
             if early_exit and step > 0 and not bool(going.any()):
                 break
-            i = a_path.gather(0, j)
-            a_r4c.scatter_(0, j, torch.where(going, i, a_r4c.gather(0, j)))
-            previous = a_c4r.gather(0, i)
-            a_c4r.scatter_(0, i, torch.where(going, j, previous))
+            i = path.gather(0, j)
+            p_r4c.scatter_(0, j, torch.where(going, i, p_r4c.gather(0, j)))
+            previous = p_c4r.gather(0, i)
+            p_c4r.scatter_(0, i, torch.where(going, j, previous))
             going = going & (i != r)
             j = torch.where(going, previous.clamp_min(0), j)
-        if sel is not None:
-            row4col.index_copy_(1, sel, a_r4c)
-            col4row.index_copy_(1, sel, a_c4r)
-        row4col_f = row4col.to(cost.dtype)
+        if phase is None:  # p_u, p_r4c, p_c4r are u, row4col, col4row (changed in place)
+            v = p_v
+            row4col_f = row4col.to(cost.dtype)
+        else:
+            for full, part in ((u, p_u), (v, p_v), (row4col, p_r4c), (col4row, p_c4r),
+                               (row4col_f, p_r4c.to(cost.dtype))):
+                full.index_copy_(1, phase, part)
     col4row = col4row.t()
     return torch.where(row_valid.t(), col4row, torch.full_like(col4row, -1))
 
@@ -320,10 +318,12 @@ def _subset_tables(n: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     return tables
 
 
-def _scatter_back(pid: Tensor, full: tuple[Tensor, ...], work: tuple[Tensor, ...]) -> None:
-    """Copy the working set's columns (problems ``pid``) into the full-batch tensors."""
+def _scatter_back(loc: Tensor, full: tuple[Tensor, ...], work: tuple[Tensor, ...]) -> None:
+    """Copy the working set's columns (at positions ``loc``) into the wider tensors ``full``
+    (nothing to do while the working set still is ``full``)."""
     for dst, src in zip(full, work):
-        dst.index_copy_(1, pid, src)
+        if src is not dst:
+            dst.index_copy_(1, loc, src)
 
 
 def _assignment_subset_dp(cost: Tensor, row_valid: Tensor, col_valid: Tensor) -> Tensor:
