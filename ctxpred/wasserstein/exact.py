@@ -165,13 +165,14 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     # contiguous read per problem, then transposed): several times faster than a strided take.
     cost_rows = cost.reshape(bsz * n, n)
     problems = torch.arange(bsz, device=device).unsqueeze(0)  # (1, B)
-    row4col_f = row4col.to(cost.dtype)  # row4col as float, for the inner loop
+    # the matching as floats (-1: unmatched): float columns are cheaper to gather and copy
+    row4col_f, col4row_f = row4col.to(cost.dtype), col4row.to(cost.dtype)
 
     def steps(r: int) -> int:  # phase r: at most one step per matched row, plus the free one
         return n if early_exit else r + 1
 
     for r in range(n):
-        valid = row_valid[r : r + 1] & (col4row[r : r + 1] < 0)  # free rows search a path
+        valid = row_valid[r : r + 1] & (col4row_f[r : r + 1] < 0)  # free rows search a path
         # The phase's problems: all, in order (accelerators), or those whose row r is free
         # (CPU). Inside the phase the working set (`loc`: positions among them, `prob`: problem
         # indices) shrinks as problems finish (CPU: compacted when half of them have).
@@ -253,7 +254,8 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         spc_at_visit, visited_f, path_f, min_val, sink = results
         # End of the phase, on its problems only: dual update, then augmentation.
         # Dual update: visited rows and columns move by min_val minus their path cost.
-        p_u, p_v, p_r4c, p_c4r = (pick(t) for t in (u, v, row4col, col4row))
+        p_u, p_v = pick(u), pick(v)
+        p_r4c, p_c4r = pick(row4col_f).long(), pick(col4row_f).long()
         p_valid = pick(valid)
         shift = visited_f * (min_val - spc_at_visit)
         p_u.scatter_add_(0, p_r4c.clamp_min(0), (p_r4c >= 0).to(cost.dtype) * shift)
@@ -273,14 +275,13 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             p_c4r.scatter_(0, i, torch.where(going, j, previous))
             going = going & (i != r)
             j = torch.where(going, previous.clamp_min(0), j)
-        if phase is None:  # p_u, p_r4c, p_c4r are u, row4col, col4row (changed in place)
-            v = p_v
-            row4col_f = row4col.to(cost.dtype)
+        p_r4c_f, p_c4r_f = p_r4c.to(cost.dtype), p_c4r.to(cost.dtype)
+        if phase is None:  # p_u is u (changed in place)
+            v, row4col_f, col4row_f = p_v, p_r4c_f, p_c4r_f
         else:
-            for full, part in ((u, p_u), (v, p_v), (row4col, p_r4c), (col4row, p_c4r),
-                               (row4col_f, p_r4c.to(cost.dtype))):
+            for full, part in ((u, p_u), (v, p_v), (row4col_f, p_r4c_f), (col4row_f, p_c4r_f)):
                 full.index_copy_(1, phase, part)
-    col4row = col4row.t()
+    col4row = col4row_f.t().long()
     return torch.where(row_valid.t(), col4row, torch.full_like(col4row, -1))
 
 _DP_CHUNK_ELEMENTS = 1 << 19  # DP table entries per chunk on CPU (2 MiB of float32)
