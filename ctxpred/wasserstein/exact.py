@@ -149,15 +149,27 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         first = torch.full((bsz, n + 1), n, dtype=torch.long, device=device).scatter_reduce_(
             1, torch.where(col_valid, arg_row, n), columns, reduce="amin")[:, :n]
         taken = (first < n) & row_valid
-        col4row = torch.where(taken, first, -1).t().contiguous()
+        col4row = torch.where(taken, first, -1)
         owner = torch.full((bsz, n + 1), -1, dtype=torch.long, device=device)  # n: a dummy
         owner.scatter_(1, torch.where(taken, first, n), columns)
+        # then each free row whose cheapest column under C - v is still free takes it (the
+        # first such row of each column), with u_i = min_j C_ij - v_j: still dual feasible
+        row_low, arg_col = torch.where(col_valid.unsqueeze(1), col_cost, big).sub_(
+            low.unsqueeze(1)).min(2)  # (problem, row)
+        wants = row_valid & ~taken & (owner.gather(1, arg_col) < 0)
+        winner = torch.full((bsz, n + 1), n, dtype=torch.long, device=device).scatter_reduce_(
+            1, torch.where(wants, arg_col, n), columns, reduce="amin")[:, :n]  # (problem, col)
+        gets = wants & (winner.gather(1, arg_col) == columns)
+        col4row = torch.where(gets, arg_col, col4row).t().contiguous()
+        owner.scatter_(1, torch.where(gets, arg_col, n), columns)
+        u_start = torch.where(gets, row_low, 0.0).t().contiguous()
         row4col = owner[:, :n].t().contiguous()
         cost_t = None
     else:
         cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
+        u_start = None
     row_valid, col_valid = row_valid.t(), col_valid.t()
-    u = cost.new_zeros(n, bsz)
+    u = cost.new_zeros(n, bsz) if u_start is None else u_start
     blocked = ~col_valid
     rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
     blocked_big = blocked.to(cost.dtype) * big
