@@ -714,6 +714,29 @@ def test_exact_with_non_finite_points_and_no_check_returns_nan_and_ends(fixed, d
     torch.testing.assert_close(got[keep], clean[keep])
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n", [7, 13])
+def test_assignment_with_non_finite_points_and_no_check_returns_nan(fixed, masked, n):
+    """The same for equal supports (the subset DP, the shortest-augmenting-path assignment and
+    its CPU start), whose matching on NaN costs used to skip the bad point's column and return
+    a finite sum of the other pairs: NaN / inf problems come out non-finite, the others exact
+    and unchanged."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, n, 3, generator=g), torch.randn(6, n, 3, generator=g)
+    b = torch.ones(6, n)
+    if masked:  # match_mask-style: the same 3 points off on both sides
+        b[:, :3] = 0.0
+    clean = exact_wasserstein(x, y, b, b, check_finite=False)
+    torch.testing.assert_close(clean, pot_oracle(x, y, b, b).float(), rtol=1e-5, atol=1e-6)
+    y[2, 4, 0], y[4, 6, 0] = float("nan"), float("inf")
+    with fixed_schedule() if fixed else contextlib.nullcontext():
+        got = exact_wasserstein(x, y, b, b, check_finite=False)
+    assert torch.isnan(got[2]) and not torch.isfinite(got[4])
+    keep = [0, 1, 3, 5]
+    torch.testing.assert_close(got[keep], clean[keep])
+
+
 def pairwise_cost_f64(x, y):
     return ((x.double()[:, :, None] - y.double()[:, None]) ** 2).sum(-1)
 

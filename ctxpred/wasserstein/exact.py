@@ -905,9 +905,14 @@ def _solve_assignment(prep: Prepared, p: float) -> Tensor:
         cost = _centered_cost(x.detach(), y.detach(), _center_of(y, b), p, matching_only=True)
         match = assignment(cost, a > 0, b > 0)
     index = match.clamp_min(0)
+    # A non-finite target point (check_finite=False) makes the center, a weighted mean of y,
+    # and so every cost of its problem NaN or inf; the matching found on such costs may skip
+    # its column, and the sum over the matched pairs alone would be finite and wrong. NaN
+    # instead, like on the other solvers: 0 * (one cost of the problem) is 0 or NaN.
+    poison = cost[:, :1, :1].sum((1, 2)).mul_(0.0)
     if p == 2 and not (torch.is_grad_enabled() and y.requires_grad):
-        return _MatchedSquaredCost.apply(x, y.detach(), index, a)
-    return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1)
+        return _MatchedSquaredCost.apply(x, y.detach(), index, a) + poison
+    return (a * segment_cost(x - _take_rows(y, index), p)).sum(-1) + poison
 
 
 def _centered_cost(x: Tensor, y: Tensor, mean: Tensor, p: float, matching_only: bool = False
