@@ -82,7 +82,10 @@ def gaussian_wasserstein(
             pm = _safe_sqrt(a).unsqueeze(-1) * xc
             qm = _safe_sqrt(b).unsqueeze(-1) * yc
             traces = pm.pow(2).sum((-1, -2)) + qm.pow(2).sum((-1, -2))
-            nuclear = torch.linalg.svdvals(torch.matmul(pm, qm.transpose(-1, -2))).sum(-1)
+            # non-finite points (check_finite=False) leave `traces` NaN or inf, so the value
+            # is; zeroed here they cannot make the SVD raise (CPU) instead
+            cross = torch.matmul(pm, qm.transpose(-1, -2)).nan_to_num_(0.0, 0.0, 0.0)
+            nuclear = torch.linalg.svdvals(cross).sum(-1)
             values = mean_term + (traces - 2.0 * nuclear).clamp_min(0.0)
     return restore(values, prep)
 
