@@ -949,10 +949,14 @@ def test_sorted_rows_network_equals_sort(n):
     torch.testing.assert_close(exact_module._sorted_rows(values), values.sort(0).values)
 
 
-def test_compile_fullgraph_exact_assignment():
-    """No host sync on the assignment path either (the flow path: the estimator template)."""
-    x, y = torch.randn(3, 2, 2), torch.randn(3, 2, 2)
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+@pytest.mark.parametrize("n", [2, 9])
+def test_compile_fullgraph_exact_assignment(n):
+    """No host sync on the assignment path either (the flow path: the estimator template): the
+    subset DP (n <= 8) and the shortest-augmenting-path schedule (n = 9)."""
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(3, n, 2, generator=g), torch.randn(3, n, 2, generator=g)
+    mask = torch.ones(3, n)
+    mask[1, : n // 2], mask[2] = 0.0, 0.0
 
     def call(a, b, w):
         return exact_wasserstein(a, b, w, w, solver="assignment", check_finite=False)
