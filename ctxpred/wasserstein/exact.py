@@ -131,9 +131,10 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     big = _BIG
     # CPU start (column reduction, as in Jonker-Volgenant): v_j = min over valid rows of C_ij
     # keeps the duals feasible (u = 0); each row that is the first minimum of some columns takes
-    # the first of them (a tight arc). About 1 - 1/e of the rows start matched and skip their
-    # phase; the others' paths may then pass every matched row. The fixed schedule of the
-    # accelerators starts empty instead (phase r needs at most r + 1 steps: n(n+1)/2 in all).
+    # the first of them (a tight arc): about 1 - 1/e of the rows; a second pass below matches
+    # more. Matched rows skip their phase; the others' paths may then pass every matched row.
+    # The fixed schedule of the accelerators starts empty instead (phase r needs at most r + 1
+    # steps: n(n+1)/2 in all).
     # Computed in the (problem, row, column) layout: one min-with-index over rows and one
     # scatter-min, no (row, column, problem) copy of the costs.
     v = cost.new_zeros(n, bsz)
