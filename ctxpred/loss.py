@@ -72,7 +72,7 @@ from ctxpred._layout import Layout, ResizeMode
 from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 from ctxpred.heads.base import ContextHead
 from ctxpred.neighborhoods import Neighbors, gather_points, standardize_features
-from ctxpred.wasserstein import EstimatorSpec
+from ctxpred.wasserstein import EstimatorSpec, _bind_generator
 from ctxpred.wasserstein import resolve_estimator as _resolve_estimator
 
 __all__ = [
@@ -422,6 +422,7 @@ class ContextPredictionLoss(nn.Module):
                                  self.head)
         prediction = self.head(z, generator=generator)
         est = self._estimator_fn if self._estimator_fn is not None else self.estimator
+        est = _bind_generator(est, generator)  # e.g. the sliced estimator's directions
         per_point = self.head.divergence(prediction, nb, est, match_mask=self.match_mask)
         valid = nb.mask.any(-1)
         total, per_stride = reduce_context_loss(per_point, valid, self.stride_weight_tensor,

@@ -533,6 +533,27 @@ def test_loss_module_pickles_and_takes_estimator_options():
         loss_fn(feats, target, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueRangeError, match="estimator_options"):
         _pixel_loss(estimator=lambda x, y, a, b: x.sum((-1, -2)), estimator_options={"p": 1})
+    # a typo'd key fails when the loss is built, naming the estimator's real options (it used
+    # to construct fine and raise a bare TypeError at the first forward)
+    with pytest.raises(ValueRangeError, match=r"takes no option 'iteration'.*iterations"):
+        _pixel_loss(estimator="sinkhorn", estimator_options={"iteration": 10})
+    with pytest.raises(ValueRangeError, match="takes no option 'x_weights'"):
+        _pixel_loss(estimator="exact", estimator_options={"x_weights": None})
+
+
+@pytest.mark.parametrize("options", [{}, {"seed": 5}])
+def test_the_generator_drives_the_sliced_estimator(options):
+    """The step's generator draws every random number of the step, the sliced estimator's
+    directions too (they came from the global RNG); a fixed ``seed`` option still wins."""
+    loss_fn = _pixel_loss(estimator="sliced", estimator_options=options)
+    feats, target = torch.randn(2, 8, 6, 6), torch.randn(2, 3, 6, 6)
+    values = []
+    for global_seed in (3, 4):
+        torch.manual_seed(global_seed)
+        values.append(loss_fn(feats, target, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    other = loss_fn(feats, target, generator=torch.Generator().manual_seed(8))
+    assert bool(other != values[0])  # the heads' samples differ with the generator
 
 
 @FAST

@@ -519,6 +519,8 @@ def test_errors_name_expected_and_actual():
         wasserstein(x.long(), x)
     with pytest.raises(ValueRangeError, match="method must be one of"):
         wasserstein(x, x, method="hungarian")
+    with pytest.raises(ValueRangeError, match=r"'sinkhorn' takes no option 'iteration'"):
+        wasserstein(x, x, method="sinkhorn", iteration=3)
     with pytest.raises(ValueRangeError, match="p must be"):
         wasserstein(x, x, p=0.5)
     with pytest.raises(ValueRangeError, match="solver='assignment' needs"):

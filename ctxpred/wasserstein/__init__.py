@@ -189,6 +189,58 @@ def _accepts(fn: Callable[..., Any], option: str) -> bool:
     return any(p.name == option or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+_POSITIONAL = ("x", "y", "x_weights", "y_weights")
+
+
+def _check_options(method: str, fn: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """A clear error for an option the estimator does not take (a typo'd key), before any call."""
+    unknown = [key for key in options if key in _POSITIONAL or not _accepts(fn, key)]
+    if unknown:
+        try:
+            known = [p.name for p in inspect.signature(fn).parameters.values()
+                     if p.name not in _POSITIONAL and p.kind is not inspect.Parameter.VAR_KEYWORD]
+        except (TypeError, ValueError):  # pragma: no cover - _accepts said True then
+            known = []
+        raise ValueRangeError(
+            f"estimator {method!r} takes no option {', '.join(map(repr, unknown))}; its options "
+            f"are {', '.join(known) or 'none'}"
+        )
+
+
+def _bind_generator(estimator: Estimator, generator: Any) -> Estimator:
+    """``estimator`` drawing its random numbers from ``generator`` (e.g. the sliced estimator's
+    directions), where it draws any: a named estimator (:func:`resolve_estimator`) or an
+    :class:`EstimatorModule` whose function takes ``generator`` and whose options fix neither a
+    ``seed`` nor a ``generator``. Any other estimator is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> def drawn(seed):
+        ...     generator = torch.Generator().manual_seed(seed)
+        ...     return _bind_generator(resolve_estimator("sliced"), generator)
+        >>> x, y = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+        >>> torch.equal(drawn(0)(x, y, None, None), drawn(0)(x, y, None, None))
+        True
+    """
+    if generator is None:
+        return estimator
+    if isinstance(estimator, _NamedEstimator):
+        fn, options = _lookup(estimator.method), dict(estimator.options)
+    elif isinstance(estimator, EstimatorModule):
+        fn, options = type(estimator).function, estimator.options()
+    else:
+        return estimator
+    if (not _accepts(fn, "generator") or options.get("seed") is not None
+            or options.get("generator") is not None):
+        return estimator
+    options["generator"] = generator
+
+    def drawing(x: Tensor, y: Tensor, xw: Tensor | None, yw: Tensor | None) -> Tensor:
+        return fn(x, y, xw, yw, **options)
+
+    return drawing
+
+
 def wasserstein(
     x: Tensor,
     y: Tensor,
@@ -231,10 +283,15 @@ def wasserstein(
         >>> wasserstein(x, y, y_weights=mask, method="sinkhorn").shape
         torch.Size([16])
     """
-    fn = _lookup(DEFAULT_ESTIMATOR if method is None else method)
+    name = DEFAULT_ESTIMATOR if method is None else method
+    fn = _lookup(name)
     if p is not None:
         opts["p"] = p
-    return fn(x, y, x_weights, y_weights, **opts)
+    try:
+        return fn(x, y, x_weights, y_weights, **opts)
+    except TypeError:
+        _check_options(name, fn, opts)  # a typo'd option: say which, and the valid ones
+        raise
 
 
 class _NamedEstimator:
@@ -268,6 +325,7 @@ def resolve_estimator(estimator: EstimatorSpec | None = None, **options: Any) ->
         estimator = LOSS_ESTIMATOR
     if isinstance(estimator, str):
         fn = _lookup(estimator)
+        _check_options(estimator, fn, options)
         preset = {"check_finite": False} if _accepts(fn, "check_finite") else {}
         return _NamedEstimator(estimator, {**preset, **options})
     if callable(estimator):
