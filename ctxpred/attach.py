@@ -137,6 +137,7 @@ class _Hook:
 
 
 _WRAPPED_FLAG = "_ctxpred_forward_in_wrapper"
+_LOSS_STATE = ("anchor_rms",)  # loss buffers a training checkpoint keeps (ModelWithHeads)
 
 
 class ModelWithHeads(nn.Module):
@@ -148,15 +149,46 @@ class ModelWithHeads(nn.Module):
     wrapper does not have come from the model (``save_pretrained``, ``config``, ...), so
     ``wrapper.save_pretrained(path)`` saves the model alone; ``wrapper.model`` is the model.
 
+    The losses' own state, the feature-context scale anchor (``anchor_rms``), is saved and loaded
+    with them as ``losses.<layer>.anchor_rms`` once it is set (at a feature-context loss's first
+    call; losses that take no anchor have none): the losses are not children, whose heads would
+    be listed twice. A checkpoint without those keys leaves the anchors as they are.
+
     Args:
         model: the hooked model.
         heads: the predictor's heads (:attr:`ContextPredictor.heads`).
+        losses: the predictor's losses (:attr:`ContextPredictor.loss_modules`), whose state
+            goes into the checkpoint.
     """
 
-    def __init__(self, model: nn.Module, heads: nn.Module) -> None:
+    def __init__(self, model: nn.Module, heads: nn.Module,
+                 losses: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
         self.heads = heads
+        object.__setattr__(self, "_losses", {
+            name.replace(".", "/"): loss for name, loss in (losses or {}).items()})
+
+    def _loss_buffers(self, held_only: bool = False) -> Iterator[tuple[str, Tensor]]:
+        """The losses' checkpointed buffers; ``held_only``: those holding a value (an anchor is
+        NaN until the first call, and stays NaN in a loss that takes no anchor)."""
+        for name, loss in self._losses.items():
+            for key in _LOSS_STATE:
+                buffer = loss._buffers.get(key)
+                if buffer is not None and not (held_only and bool(torch.isnan(buffer).all())):
+                    yield f"losses.{name}.{key}", buffer
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, buffer in self._loss_buffers(held_only=True):
+            destination[prefix + key] = buffer if keep_vars else buffer.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        with torch.no_grad():
+            for key, buffer in self._loss_buffers():
+                if prefix + key in state_dict:  # consumed here, so not "unexpected" below
+                    buffer.copy_(state_dict.pop(prefix + key))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # tells the predictor's hooks that this forward runs with the heads in one module (DDP)
@@ -571,7 +603,7 @@ class ContextPredictor:
 
     def training_module(self) -> ModelWithHeads:
         """``ModelWithHeads(model, heads)``: wrap this in DDP so head gradients are synced."""
-        return ModelWithHeads(self.model, self.heads)
+        return ModelWithHeads(self.model, self.heads, self.loss_modules)
 
     def remove(self) -> None:
         """Remove every hook and drop captures; the model is then exactly as before attach."""

@@ -155,6 +155,44 @@ def test_heads_stay_out_of_the_model_and_its_copies():
     assert {k.split(".")[0] for k in wrapper.state_dict()} == {"model", "heads"}
 
 
+def _feature_context(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 3, 3, padding=1))
+    loss = ContextPredictionLoss(ctxpred.FeatureNeighborhood((1, 2)),
+                                 GaussianSamplingHead(16, 16, num_strides=2), weight=1.0)
+    return model, ctxpred.attach(model, {"0": loss})
+
+
+def test_resuming_from_the_training_checkpoint_keeps_the_scale_anchor():
+    """The feature-context loss anchors the features' RMS at its first call (a buffer of the
+    loss, not of a head); a resumed run must keep that anchor, or its objective changes (the
+    training module's state_dict used to hold model and heads only)."""
+    x = torch.randn(4, 3, 8, 8)
+    model, predictor = _feature_context()
+    assert not any(k.startswith("losses.") for k in predictor.training_module().state_dict())
+    model(x)
+    predictor.loss()  # anchors
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)  # the features grow, as training may make them
+    model(x)
+    before = predictor.loss(generator=torch.Generator().manual_seed(1))
+    state = predictor.training_module().state_dict()
+    assert torch.equal(state["losses.0.anchor_rms"], predictor.loss_modules["0"].anchor_rms)
+    resumed, again = _feature_context(seed=1)
+    again.training_module().load_state_dict(state)  # strict: every key has its place
+    resumed(x)
+    after = again.loss(generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    # a checkpoint from before the anchor was saved still loads (the anchor is taken afresh)
+    _, old = _feature_context()
+    old_state = {k: v for k, v in state.items() if not k.startswith("losses.")}
+    old.training_module().load_state_dict(old_state)
+    assert torch.isnan(old.loss_modules["0"].anchor_rms)
+    # a loss state for a layer this predictor does not have is an unexpected key
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*losses\.mid\.anchor_rms"):
+        again.training_module().load_state_dict({**state, "losses.mid.anchor_rms": torch.ones(())})
+
+
 def test_remove_restores_the_exact_function():
     torch.manual_seed(0)
     model = Net()
