@@ -146,8 +146,11 @@ def check_target_layout(
 def check_resize(source: Sequence[int], dest: Sequence[int], name: str) -> str | None:
     """Check bringing a target grid ``source`` to a layer grid ``dest``.
 
-    Raises :class:`ShapeError` when the two grids have different aspect ratios (no common scale
-    factor, allowing each layer size to be off by one cell as strided layers round); returns a
+    Raises :class:`ShapeError` when the two grids have different aspect ratios: no common scale
+    factor ``f`` with every layer size within less than one cell of ``source / f`` (strided
+    layers round by less than that: ``ceil`` or ``floor`` of ``s / 2`` at each halving stays
+    within ``1 - 2^-k`` of ``s / 2^k``; a whole cell more would let a transposed target through
+    on a small layer grid, e.g. ``(24, 32)`` onto ``(4, 3)``); returns a
     warning text when some dimension is upsampled (the target then carries less detail than the
     layer), ``None`` otherwise.
     """
@@ -156,7 +159,7 @@ def check_resize(source: Sequence[int], dest: Sequence[int], name: str) -> str |
         return None
     low = max(s / (d + 1) for s, d in zip(source, dest))
     high = min(s / (d - 1) if d > 1 else math.inf for s, d in zip(source, dest))
-    if low > high:
+    if low >= high:
         raise ShapeError(
             f"{name}: the target grid {source} and the layer grid {dest} have different aspect "
             f"ratios; resizing would distort the target. Pass a target with the layer's aspect "

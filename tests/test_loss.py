@@ -44,6 +44,24 @@ def _random_mask(gen, shape, p=0.7):
     return torch.rand(shape, generator=gen) < p
 
 
+@FAST
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=3), halvings=st.integers(0, 5),
+       data=st.data())
+def test_strided_layer_grids_pass_the_aspect_check(sizes, halvings, data):
+    """Any chain of stride-2 layers, each rounding up or down per dimension, keeps its grid
+    within less than one cell of ``source / 2^k``: the aspect check (which allows less than one
+    cell, so that a transposed target on a small grid fails) accepts every such grid."""
+    from ctxpred._checks import check_resize
+
+    dest = []
+    for s in sizes:
+        d = s
+        for _ in range(halvings):
+            d = -(-d // 2) if data.draw(st.booleans()) or d < 2 else d // 2
+        dest.append(d)
+    check_resize(tuple(sizes), tuple(dest), "x")  # no ShapeError
+
+
 # -- functional parts ----------------------------------------------------------------------------
 def test_deprecated_group_by_stride_and_stride_index_still_work():
     nb = neighbors(torch.randn(2, 3, 6, 6), strides=(1, 2, 3))

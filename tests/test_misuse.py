@@ -328,6 +328,13 @@ def s06_target_with_another_aspect_ratio(device):
     predictor.loss(torch.randn(2, 3, 16, 32, device=device))
 
 
+def s06_transposed_target_on_a_small_layer_grid(device):
+    # a 4 x 3 layer grid takes a 24 x 32 image only transposed; it used to pass the aspect check,
+    # which allowed each layer size a whole cell of rounding
+    loss = pixel_loss().to(device)
+    loss(torch.randn(2, 8, 4, 3, device=device), torch.randn(2, 3, 24, 32, device=device))
+
+
 def s06_target_downsampled_by_area(device):
     # oracle: a 2x area resize is a 2x2 average pool
     loss = naive_loss().to(device)
@@ -816,6 +823,7 @@ ROWS = [
     row(s06_target_smaller_than_the_layer_grid, warns(r"upsampl")),
     row(s06_upsampling_warning_comes_once, WORKS),
     row(s06_target_with_another_aspect_ratio, raises(ShapeError, r"aspect ratio")),
+    row(s06_transposed_target_on_a_small_layer_grid, raises(ShapeError, r"aspect ratio")),
     row(s06_target_downsampled_by_area, WORKS),
     # 7
     row(s07_bf16_model_float32_heads, WORKS),
