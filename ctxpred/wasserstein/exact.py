@@ -429,36 +429,25 @@ def _sorted_rows(values: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor, reduced: Tensor,
-             dist: tuple[Tensor, Tensor], level: tuple[Tensor, Tensor], sink: Tensor,
-             found: Tensor, early_exit: bool) -> None:
+def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor,
+             preds: tuple[Tensor, Tensor], sink: Tensor, found: Tensor, early_exit: bool) -> None:
     """Push the bottleneck amount along each problem's shortest path ``sink <- row <- column
     <- ... <- source`` (in place): ``flow (n, m, W)``, ``excess (n, W)``, ``deficit (m, W)``;
-    ``source (n, W)`` bool; ``reduced (n, m, W)`` arc lengths; ``dist``/``level`` the rows' and
-    columns' distances and label levels; ``sink (W,)`` long; ``found (W,)`` bool.
+    ``source (n, W)`` bool; ``preds`` the columns' predecessor rows ``(m, W)`` and the rows'
+    predecessor columns ``(n, W)`` (float indices, as recorded by the sweeps); ``sink (W,)``
+    long; ``found (W,)`` bool.
 
-    Every node's predecessor is found at once: a column's is the first row ``i`` with
-    ``d_i + reduced_ij == d_j`` (the same float sum the sweep took its minimum over) and a lower
-    level; a row's is the first column with flow into it, ``d_j == d_i`` and a lower level.
-    The path is then followed backwards from the sink by flat indices, and the flow changes
-    along it are added in one pass.
+    The path is followed backwards from the sink by flat indices, and the flow changes along it
+    are added in one pass.
     """
     n, m, width = flow.shape
     device, dtype = flow.device, flow.dtype
-    d_row, d_col = dist
-    lvl_row, lvl_col = level
     wi = torch.arange(width, device=device)
     rows = torch.arange(n, device=device)
     cols = torch.arange(m, device=device)
-    # predecessors (nodes without one, never on a path, point at row/column 0)
-    explains = (d_row.unsqueeze(1) + reduced == d_col.unsqueeze(0)) & (
-        lvl_row.unsqueeze(1) < lvl_col.unsqueeze(0))
-    pred_of_col = torch.where(explains, rows.view(n, 1, 1).to(dtype), float(n)).amin(0)
-    pred_of_col = pred_of_col.long() % n  # (m, W) rows
-    explains = (flow > 0.5) & (d_col.unsqueeze(0) == d_row.unsqueeze(1)) & (
-        lvl_col.unsqueeze(0) < lvl_row.unsqueeze(1))
-    pred_of_row = torch.where(explains, cols.view(1, m, 1).to(dtype), float(m)).amin(1)
-    pred_of_row = pred_of_row.long() % m  # (n, W) columns
+    # (nodes never reached point at row/column 0: never on a path; NaN costs: any index)
+    pred_of_col = preds[0].nan_to_num(0.0).long() % n  # (m, W) rows
+    pred_of_row = preds[1].nan_to_num(0.0).long() % m  # (n, W) columns
     # flat indices, per column (m, W): its predecessor row's in (n, W) and that arc's in
     # (n, m, W); per row (n, W): its predecessor column's in (m, W) and that arc's
     col_to_row = pred_of_col * width + wi
@@ -626,6 +615,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
     flow = cost.new_zeros(n, m, bsz)
     cols_f = torch.arange(m, device=device, dtype=dtype).unsqueeze(1)
+    rows_f3 = torch.arange(n, device=device, dtype=dtype).view(n, 1, 1)  # for (n, m, W) keys
+    cols_f3 = cols_f.view(1, m, 1)
 
     # Start: column duals v from _ASCENT_SWEEPS sweeps of exact coordinate ascent on the
     # semi-dual F(v) = sum_j v_j / n_b + sum_i min_l (C_il - v_l) / n_a (concave): with the other
@@ -706,28 +697,43 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         sink_pen = torch.where(d > 0.5, 0.0, big)
         d_row = torch.where(src, 0.0, big)
         d_col = cost.new_full((m, width), big)
-        # Label levels: the sweep of a node's last improvement (columns 2t, rows 2t + 1,
-        # sources -1). A node's predecessor on a shortest path is then found after the sweeps
-        # as a neighbour whose distance explains its own *and* whose level is lower -- levels
-        # fall along the path, so it cannot cycle through zero-length arcs.
-        lvl_row = torch.where(src, -1.0, big)
-        lvl_col = cost.new_full((m, width), big)
+        # Predecessors: a node's is the first neighbour that attained its distance at the sweep
+        # of its last (strict) improvement -- what recording them during the sweeps would give,
+        # found afterwards from each sweep's distances (kept, small) and the sweep of every
+        # node's last improvement. With arc lengths >= 0 they form a tree: the path read back
+        # from the sink cannot cycle through zero-length arcs. (Reading them back from the
+        # final distances instead fails where a node's distance later dropped by less than
+        # rounding shows in its successors' sums: tie-heavy problems then got a wrong path.)
+        seen_rows, seen_cols = [], []  # per sweep: the rows' distances the columns were
+        # computed from, the columns' distances the rows were computed from
+        when_col = cost.new_zeros(m, width)  # sweep of the last improvement
+        when_row = cost.new_zeros(n, width)
         for t in range(steps):
+            seen_rows.append(d_row)
             low = (d_row.unsqueeze(1) + r).amin(0)
             better = low < d_col
             d_col = torch.where(better, low, d_col)
-            lvl_col = torch.where(better, 2.0 * t, lvl_col)
+            when_col = torch.where(better, float(t), when_col)
+            seen_cols.append(d_col)
             reach = (d_col + sink_pen).amin(0)  # distance of the nearest column with demand
             low = (d_col.unsqueeze(0) + back).amin(1)
             better = (low < d_row) & (low < reach)  # nodes beyond the sink do not matter
             d_row = torch.where(better, low, d_row)
-            lvl_row = torch.where(better, 2.0 * t + 1.0, lvl_row)
+            when_row = torch.where(better, float(t), when_row)
             if early_exit and not bool(better.any()):
                 break
+        # the same float sums as at those sweeps, each >= the node's distance: sign() is 0
+        # exactly where a neighbour attains it
+        then = torch.stack(seen_rows, 1).gather(  # (n, m, W): d_row at column j's sweep
+            1, when_col.long().unsqueeze(0).expand(n, m, width))
+        pred_col = torch.add(rows_f3, torch.sign(then + r - d_col), alpha=n).amin(0)
+        then = torch.stack(seen_cols, 0).gather(  # (n, m, W): d_col at row i's sweep
+            0, when_row.long().unsqueeze(1).expand(n, m, width))
+        pred_row = torch.add(cols_f3, torch.sign(then + back - d_row.unsqueeze(1)),
+                             alpha=m).amin(1)
         reach, sink = _argmin_dim(d_col + sink_pen, 0, cols_f)
         found = reach < 0.5 * big
-        _augment(f, e, d, src, r, (d_row, d_col), (lvl_row, lvl_col), sink.long(), found,
-                 early_exit)
+        _augment(f, e, d, src, (pred_col, pred_row), sink.long(), found, early_exit)
         # Duals: every node moves by (sink distance - its distance)^+ (u_i up, v_j down), so
         # the reduced cost of arc ij changes by shift_j - shift_i: arcs stay >= 0 and the
         # shortest path to the sink becomes tight.
