@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
-from ctxpred.wasserstein._validate import float32_core, prefix_sum, prepare, restore
+from ctxpred.wasserstein._validate import (
+    float32_core,
+    prefix_sum,
+    prepare,
+    restore,
+    weighted_mean,
+)
 from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["SlicedWasserstein", "random_directions", "sliced_wasserstein"]
@@ -46,11 +52,13 @@ def random_directions(
         return torch.ones(1, num_projections, device=device, dtype=dtype)
     if seed is not None and generator is None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn in float32 whatever the dtype, so a seed gives the same directions for float32 and
+    # float64 inputs (randn draws differently per dtype)
     if generator is not None:
         theta = torch.randn(dim, num_projections, generator=generator,
-                            device=generator.device, dtype=dtype).to(device)
+                            device=generator.device).to(device=device, dtype=dtype)
     else:
-        theta = torch.randn(dim, num_projections, device=device, dtype=dtype)
+        theta = torch.randn(dim, num_projections, device=device).to(dtype)
     return theta / theta.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
@@ -107,6 +115,11 @@ def sliced_wasserstein(
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
     with float32_core(prep.x.device):
         xs, ys, a, b = prep.x, prep.y, prep.a, prep.b
+        # W is translation invariant: project clouds centered on y's mean, so that points far
+        # from the origin keep their spread in float32 (a projection of 1e4-sized coordinates
+        # rounds at 1e-3)
+        center = weighted_mean(ys.detach(), b)
+        xs, ys = xs - center, ys - center
         d = xs.shape[-1]
         if projections is None:
             theta = random_directions(
