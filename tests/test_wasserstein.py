@@ -242,6 +242,27 @@ def test_exact_double_backward_is_the_envelope_hessian(supports):
     torch.testing.assert_close(hvp, 2.0 * v / 5)
 
 
+def test_low_level_solvers_reject_bad_inputs_clearly():
+    """assignment / transport_plan are public: a uint8 mask used to be read as indices on the
+    Hungarian path (valid rows left unmatched, silently); other slips failed deep inside."""
+    cost = torch.rand(1, 10, 10)
+    rows = torch.ones(1, 10, dtype=torch.uint8)
+    for solve in (assignment, transport_plan):
+        with pytest.raises(DTypeError, match=r"row_valid must be a bool tensor, got torch.uint8"):
+            solve(cost, rows, None)
+        with pytest.raises(DTypeError, match=r"col_valid must be a bool tensor, got torch.float32"):
+            solve(cost, None, torch.ones(1, 10))
+        with pytest.raises(ShapeError, match=r"row_valid must have shape \(1, 10\)"):
+            solve(cost, torch.ones(1, 9, dtype=torch.bool), None)
+        with pytest.raises(ShapeError, match=r"floating-point \(B, n, m\).*\(10, 10\)"):
+            solve(cost[0])
+        with pytest.raises(DTypeError, match="float32 or float64"):
+            solve(cost.half())
+    with pytest.raises(ShapeError, match=r"square \(B, n, n\), got \(1, 3, 4\)"):
+        assignment(torch.rand(1, 3, 4))
+    transport_plan(torch.rand(1, 3, 4))  # any n x m
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)

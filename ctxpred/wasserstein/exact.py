@@ -55,7 +55,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ctxpred.errors import ValueRangeError
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 from ctxpred.wasserstein._validate import (
     Prepared,
     _is_compiling,
@@ -89,6 +89,33 @@ _TIE_ULPS = 4.0  # flow solver start: arcs within rounding of reduced cost 0 cou
 _ASCENT_SWEEPS = 2  # flow solver start: coordinate-ascent sweeps over the column duals
 
 
+def _check_solver_inputs(name: str, cost: Tensor, masks: tuple[Tensor | None, Tensor | None],
+                         square: bool) -> None:
+    """Clear errors for the low-level solvers' inputs: a ``(B, n, m)`` floating cost (square for
+    :func:`assignment`) and bool masks ``(B, n)`` / ``(B, m)`` (a uint8 or float mask would be
+    read as indices or fail deep inside)."""
+    if not (isinstance(cost, Tensor) and cost.dim() == 3 and cost.is_floating_point()):
+        raise ShapeError(
+            f"{name}: cost must be a floating-point (B, n, m) tensor, got "
+            f"{type(cost).__name__ if not isinstance(cost, Tensor) else tuple(cost.shape)}"
+            f"{'' if not isinstance(cost, Tensor) else ' ' + str(cost.dtype)}")
+    if cost.dtype in (torch.float16, torch.bfloat16):
+        raise DTypeError(f"{name}: cost must be float32 or float64 (1e30 marks unreachable "
+                         f"arcs), got {cost.dtype}")
+    bsz, n, m = cost.shape
+    if square and n != m:
+        raise ShapeError(f"{name}: cost must be square (B, n, n), got {tuple(cost.shape)}")
+    for label, mask, size in (("row_valid", masks[0], n), ("col_valid", masks[1], m)):
+        if mask is None:
+            continue
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise DTypeError(f"{name}: {label} must be a bool tensor, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)}; pass mask > 0")
+        if tuple(mask.shape) != (bsz, size):
+            raise ShapeError(f"{name}: {label} must have shape {(bsz, size)} for cost "
+                             f"{tuple(cost.shape)}, got {tuple(mask.shape)}")
+
+
 @torch.no_grad()
 def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor | None = None
                ) -> Tensor:
@@ -111,6 +138,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         >>> assignment(torch.tensor([[[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]]]))
         tensor([[1, 0, 2]])
     """
+    _check_solver_inputs("assignment", cost, (row_valid, col_valid), square=True)
     bsz, n, _ = cost.shape
     device = cost.device
     if row_valid is None:
@@ -593,6 +621,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
                  [1., 1.],
                  [0., 2.]]])
     """
+    _check_solver_inputs("transport_plan", cost, (row_valid, col_valid), square=False)
     bsz, n, m = cost.shape
     device, dtype, big = cost.device, cost.dtype, _BIG
     if row_valid is None:
