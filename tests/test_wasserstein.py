@@ -514,6 +514,18 @@ def test_far_from_the_origin_float32_keeps_the_spread(method):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("method", ["exact", "sinkhorn", "sliced", "gaussian"])
+@pytest.mark.parametrize("n, m", [(0, 4), (4, 0), (0, 0)])
+def test_no_points_on_a_side_is_an_empty_problem(method, n, m):
+    """Value 0 and zero gradient, as for a fully masked side (Sinkhorn divided by zero and
+    sliced indexed out of bounds)."""
+    x = torch.randn(2, 3, n, 2, requires_grad=True)
+    value = wasserstein(x, torch.randn(2, 3, m, 2), method=method)
+    assert value.shape == (2, 3) and torch.equal(value, torch.zeros(2, 3))
+    value.sum().backward()
+    assert x.grad is not None and not x.grad.any()
+
+
 def test_sliced_seed_draws_the_same_directions_for_every_dtype():
     x, y = clouds(3, 4, 6, 6, 5, torch.float64)
     torch.testing.assert_close(

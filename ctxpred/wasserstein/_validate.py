@@ -207,6 +207,12 @@ def segment_cost(diff: Tensor, p: float) -> Tensor:
     return torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(sq))
 
 
+def _zero_value(x: Tensor, y: Tensor) -> Tensor:
+    """``(B,)`` zeros, the value of problems with no points on a side, connected to ``x`` and
+    ``y`` (zero gradients, not ``None``)."""
+    return (x.sum((-1, -2)) + y.sum((-1, -2))) * 0.0
+
+
 def weighted_mean(y: Tensor, b: Tensor) -> Tensor:
     """``(..., 1, D)`` the ``b``-weighted mean of ``y`` (weights summing to 1): one pass over
     ``y``, no temporary."""

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ctxpred.errors import ValueRangeError
 from ctxpred.wasserstein._validate import (
+    _zero_value,
     center,
     float32_core,
     pairwise_cost,
@@ -158,6 +159,8 @@ def sinkhorn_wasserstein(
     if not relative_blur > 0:
         raise ValueRangeError(f"relative_blur must be > 0, got {relative_blur!r}")
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
+    if prep.x.shape[-2] == 0 or prep.y.shape[-2] == 0:  # no points on a side: every problem empty
+        return restore(_zero_value(prep.x, prep.y), prep)
     with float32_core(prep.x.device):
         xs, ys, a, b = prep.x, prep.y, prep.a, prep.b
         # Empty problems run on uniform weights (no -inf rows) and are zeroed at the end.

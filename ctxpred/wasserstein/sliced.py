@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
 from ctxpred.wasserstein._validate import (
+    _zero_value,
     float32_core,
     prefix_sum,
     prepare,
@@ -113,6 +114,8 @@ def sliced_wasserstein(
     if not (isinstance(num_projections, int) and num_projections >= 1):
         raise ValueRangeError(f"num_projections must be an int >= 1, got {num_projections!r}")
     prep = prepare(x, y, x_weights, y_weights, p, check_finite)
+    if prep.x.shape[-2] == 0 or prep.y.shape[-2] == 0:  # no points on a side: every problem empty
+        return restore(_zero_value(prep.x, prep.y), prep)
     with float32_core(prep.x.device):
         xs, ys, a, b = prep.x, prep.y, prep.a, prep.b
         # W is translation invariant: project clouds centered on y's mean, so that points far
