@@ -378,6 +378,7 @@ class ContextPredictionLoss(nn.Module):
                 f"{getattr(features, 'dtype', type(features).__name__)}"
             )
         lay = self.layout(features)
+        self._check_channels(features, lay)  # before the target checks, which would blame it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueRangeError(
                 f"{self.name}: generator must be a torch.Generator or None, got "
@@ -431,6 +432,22 @@ class ContextPredictionLoss(nn.Module):
             total = total + self.scale_anchor * anchor
         return ContextLossTerms(self.weight * total, per_stride, per_point, valid, nb.points)
 
+    def _check_channels(self, features: Tensor, lay: _layout.TensorLayout) -> None:
+        """The head's ``in_channels`` against the layer output's channel axis, naming a
+        channels-last ``(B, *grid, C)`` output."""
+        want = self.head.in_channels
+        if (want is not None and lay.channels != want and features.dim() >= 4
+                and features.shape[-1] == want):
+            rank = features.dim()
+            order = ", ".join(str(d) for d in (0, rank - 1, *range(1, rank - 1)))
+            raise ShapeError(
+                f"{self.name}: the layer output {tuple(features.shape)} has {lay.channels} "
+                f"channels on axis 1, but the head expects in_channels={want}, which is the "
+                f"last axis: it looks channels-last (B, *grid, C); ctxpred reads channels-first "
+                f"(B, C, *grid): pass features.permute({order})"
+            )
+        self.head.check_in_channels(lay.channels, f"layer output {tuple(features.shape)}")
+
     def _check_target(self, features: Tensor, target: Any, lay: _layout.TensorLayout) -> Any:
         """The early checks of a given target (see the class docstring); float64 -> float32
         unless the features are float64 too."""
@@ -438,6 +455,13 @@ class ContextPredictionLoss(nn.Module):
             return target  # prepare_target names the type
         wants_ids = hasattr(self.neighborhood, "ids")
         _checks.check_target_dtype(target, wants_ids, self.name)
+        if self.head.target_kind == "ids" and target.is_floating_point():
+            # before any layout check, which would read float ids as values (B, C, *grid)
+            raise DTypeError(
+                f"{self.name}: {type(self.head).__name__} needs integer token ids as target "
+                f"(B, *grid) or (B, L), got dtype {target.dtype} {tuple(target.shape)}; pass "
+                f"the ids, e.g. target.long()"
+            )
         if target.dtype == torch.float64 and features.dtype != torch.float64:
             target = target.float()  # the divergence core runs in float32, as documented
         if getattr(self.neighborhood, "grid_shape", None) is not None:

@@ -559,6 +559,28 @@ def test_loss_module_pickles_and_takes_estimator_options():
         _pixel_loss(estimator="exact", estimator_options={"x_weights": None})
 
 
+def test_float_token_ids_are_named_as_a_dtype_slip():
+    """Float ids for a CategoricalHead: a DTypeError naming the ids (it used to be read as a
+    float (B, C, *grid) target and fail on a grid-shape mismatch)."""
+    loss_fn = ContextPredictionLoss(TokenNeighborhood(strides=(1, 2)),
+                                    CategoricalHead(10, 16, num_strides=2))
+    feats, ids = torch.randn(2, 16, 8, 8), torch.randint(0, 10, (2, 8, 8))
+    assert torch.isfinite(loss_fn(feats, ids))
+    with pytest.raises(DTypeError, match=r"needs integer token ids.*float32 \(2, 8, 8\).*long"):
+        loss_fn(feats, ids.float())
+
+
+def test_channels_last_layer_output_is_named_before_the_target_checks():
+    """A (B, H, W, C) layer output passed straight to the loss: named as channels-last with the
+    permute to apply (it was blamed on the target, as an aspect-ratio mismatch)."""
+    loss_fn = _pixel_loss()
+    feats, target = torch.randn(2, 8, 6, 6), torch.randn(2, 3, 6, 6)
+    with pytest.raises(ShapeError, match=r"channels-last.*features\.permute\(0, 3, 1, 2\)"):
+        loss_fn(feats.permute(0, 2, 3, 1), target)
+    with pytest.raises(ShapeError, match=r"expects C_in=8 input channels, got 5"):
+        loss_fn(torch.randn(2, 5, 6, 6), target)
+
+
 @pytest.mark.parametrize("options", [{}, {"seed": 5}])
 def test_the_generator_drives_the_sliced_estimator(options):
     """The step's generator draws every random number of the step, the sliced estimator's
