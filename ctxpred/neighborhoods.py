@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
@@ -108,9 +109,21 @@ def _validate_strides_kernel(
     strides = tuple(strides)
     if len(strides) == 0:
         raise ValueRangeError("strides must name at least one stride, got ()")
+    checked = []
     for s in strides:
-        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+        try:  # ints, and integer scalars such as numpy's
+            value = None if isinstance(s, bool) else operator.index(s)
+        except TypeError:
+            value = None
+        if value is None or value <= 0:
             raise ValueRangeError(f"every stride must be a positive int, got strides={strides}")
+        checked.append(value)
+    if len(set(checked)) != len(checked):
+        raise ValueRangeError(
+            f"strides must be distinct, got strides={tuple(checked)}: a repeated stride would "
+            f"count twice in the loss's average over strides (use stride_weights to weight one)"
+        )
+    strides = tuple(checked)
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise ValueRangeError(f"kernel_size must be an int, got {kernel_size!r}")
     if kernel_size < 3 or kernel_size % 2 == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -188,6 +189,17 @@ def test_token_neighbors_and_codebook():
     assert emb.values.shape == (2, 25, 2, 8, 4)
     expected = codebook[nb.values] * nb.mask.unsqueeze(-1)
     assert torch.equal(emb.values, expected)
+
+
+def test_strides_are_distinct_positive_integers():
+    """A repeated stride would silently count twice in the loss's mean over strides; integer
+    scalars (numpy) are ints."""
+    assert ctxpred.PixelNeighborhood(strides=(np.int64(1), 2)).strides == (1, 2)
+    with pytest.raises(ValueRangeError, match=r"distinct, got strides=\(1, 1, 2\)"):
+        ctxpred.PixelNeighborhood(strides=(1, 1, 2))
+    for bad in ((0,), (1.0,), (True,), ("2",)):
+        with pytest.raises(ValueRangeError, match="positive int"):
+            ctxpred.PixelNeighborhood(strides=bad)
 
 
 def test_allow_empty_stride():
