@@ -253,6 +253,15 @@ class ContextPredictor:
             )
         if not losses:
             raise ValueRangeError("losses must map at least one layer name to a loss")
+        first_of: dict[int, str] = {}
+        for name, loss in losses.items():
+            if id(loss) in first_of:
+                raise ValueRangeError(
+                    f"layers {first_of[id(loss)]!r} and {name!r} share one loss object: each "
+                    f"layer needs its own ContextPredictionLoss (one object holds one layer's "
+                    f"name, scale anchor and head); build one per layer"
+                )
+            first_of[id(loss)] = name
         modules = dict(model.named_modules())
         for name, loss in losses.items():
             if not isinstance(name, str):

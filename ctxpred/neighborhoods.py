@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ctxpred import _layout
+from ctxpred._checks import _value_check
 from ctxpred._deprecation import deprecated_names
 from ctxpred.errors import (
     ShapeError,
@@ -205,7 +206,13 @@ def _resolve_points(
         raise ShapeError(
             f"points index must have shape (P,) or (B={batch}, P), got {tuple(points.shape)}"
         )
-    return points.to(device=device, dtype=torch.long)
+    points = points.to(device=device, dtype=torch.long)
+    if points.numel():
+        # an index past the grid would read a point that does not exist (silently, as valid)
+        _value_check((points.min() >= 0) & (points.max() < num_points),
+                     f"points index must lie in [0, {num_points}) (the grid's points), got "
+                     f"values outside it", ValueRangeError)
+    return points
 
 
 _INDEX_CACHE: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}

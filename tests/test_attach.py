@@ -107,6 +107,9 @@ def test_wrong_name_lists_close_matches():
         ctxpred.attach(Net(), {"mid": nn.MSELoss()})
     with pytest.raises(ValueRangeError, match="selectors name layers without a loss"):
         ctxpred.attach(Net(), {"mid": _loss()}, selectors={"up": 0})
+    shared = _loss()  # one loss object for two layers: its name and head were silently mixed
+    with pytest.raises(ValueRangeError, match=r"'mid' and 'up' share one loss object"):
+        ctxpred.attach(Net(), {"mid": shared, "up": shared})
 
 
 @pytest.mark.parametrize("returns", ["tuple", "dataclass"])

@@ -191,6 +191,15 @@ def test_token_neighbors_and_codebook():
     assert torch.equal(emb.values, expected)
 
 
+def test_point_indices_outside_the_grid_are_an_error():
+    """An index past the grid used to return "valid" neighbors of a point that does not exist."""
+    x = torch.randn(2, 3, 8, 8)
+    assert F.neighbors(x, points=torch.tensor([0, 63])).points.tolist() == [0, 63]
+    for bad in (torch.tensor([64]), torch.tensor([-1]), torch.tensor([[0], [70]])):
+        with pytest.raises(ValueRangeError, match=r"points index must lie in \[0, 64\)"):
+            F.neighbors(x, points=bad)
+
+
 def test_strides_are_distinct_positive_integers():
     """A repeated stride would silently count twice in the loss's mean over strides; integer
     scalars (numpy) are ints."""

@@ -230,8 +230,11 @@ def _bind_generator(estimator: Estimator, generator: Any) -> Estimator:
         fn, options = type(estimator).function, estimator.options()
     else:
         return estimator
-    if (not _accepts(fn, "generator") or options.get("seed") is not None
-            or options.get("generator") is not None):
+    try:  # a parameter of that name (not just **kwargs: those get nothing they did not ask for)
+        takes = "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes or options.get("seed") is not None or options.get("generator") is not None:
         return estimator
     options["generator"] = generator
 
