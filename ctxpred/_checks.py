@@ -127,6 +127,14 @@ def check_target_layout(
     """
     rank = len(grid) + 2
     shape = tuple(target.shape)
+    if target.dim() == 3 and len(grid) > 1 and shape[1] == math.prod(grid):
+        raise ShapeError(
+            f"{name}: the target {shape} looks like tokens (B, L, C) with L={shape[1]} points "
+            f"of the layer grid {tuple(grid)}, but this loss reads a channels-first grid "
+            f"(B, C, *grid): pass target.transpose(1, 2).reshape({shape[0]}, {shape[2]}, "
+            f"{', '.join(map(str, grid))}), or give the neighborhood grid_shape={tuple(grid)} "
+            f"to take token targets as they are"
+        )
     if target.dim() == rank - 1:
         raise ShapeError(
             f"{name}: the target {shape} has rank {target.dim()}, but a channels-first target "

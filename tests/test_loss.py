@@ -559,6 +559,17 @@ def test_loss_module_pickles_and_takes_estimator_options():
         _pixel_loss(estimator="exact", estimator_options={"x_weights": None})
 
 
+def test_token_layout_target_gets_the_reshape_advice():
+    """A (B, L, C) target for a map-shaped loss on tokens: the reshape to apply or the
+    neighborhood's grid_shape (the advice was 'it looks unbatched')."""
+    loss_fn = ContextPredictionLoss(
+        PixelNeighborhood(strides=(1,)), GaussianSamplingHead(3, 16), grid_shape=(4, 8))
+    tokens, target = torch.randn(2, 32, 16), torch.randn(2, 32, 3)
+    with pytest.raises(ShapeError, match=r"looks like tokens.*reshape\(2, 3, 4, 8\).*grid_shape"):
+        loss_fn(tokens, target)
+    assert torch.isfinite(loss_fn(tokens, target.transpose(1, 2).reshape(2, 3, 4, 8)))
+
+
 def test_float_token_ids_are_named_as_a_dtype_slip():
     """Float ids for a CategoricalHead: a DTypeError naming the ids (it used to be read as a
     float (B, C, *grid) target and fail on a grid-shape mismatch)."""
