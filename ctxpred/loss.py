@@ -126,11 +126,11 @@ def reduce_context_loss(
     return (per_stride * stride_weights.to(per_stride)).sum(), per_stride
 
 
-def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str) -> None:
-    """Check that ``sample_weight`` is ``None`` or a floating ``(B,)`` tensor with ``B = batch``.
-
-    Values are not inspected (that would need a host sync): weights must be finite and
-    ``>= 0``, which the caller guarantees.
+def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str,
+                        check_values: bool = False) -> None:
+    """Check that ``sample_weight`` is ``None`` or a floating ``(B,)`` tensor with ``B = batch``;
+    ``check_values``: also finite and ``>= 0`` (no host sync: a device-side assert off the CPU,
+    like the loss's ``check_finite`` on targets, which passes it).
     """
     if sample_weight is None:
         return
@@ -145,6 +145,12 @@ def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str) -> 
             f"{name}: sample_weight must have shape (B,) = ({batch},) like the layer's batch, got "
             f"{tuple(sample_weight.shape)}"
         )
+    if check_values and sample_weight.device.type != "meta":
+        _checks._value_check(
+            (torch.isfinite(sample_weight) & (sample_weight >= 0)).all(),
+            f"{name}: sample_weight must be finite and >= 0 (a NaN, Inf or negative weight "
+            f"makes the loss NaN or rewards a larger context error); pass check_finite=False "
+            f"to the ContextPredictionLoss to skip this check", ValueRangeError)
 
 
 class ContextLossTerms(NamedTuple):
@@ -398,7 +404,7 @@ class ContextPredictionLoss(nn.Module):
                 f"{{layer: x0}}; to predict the layer's own features use a FeatureNeighborhood, "
                 f"which stops the gradient"
             )
-        check_sample_weight(sample_weight, features.shape[0], self.name)
+        check_sample_weight(sample_weight, features.shape[0], self.name, self.check_finite)
         feature_context = not given
         target = _layout.prepare_target(
             features, target, lay, getattr(self.neighborhood, "grid_shape", None), self.resize,
@@ -499,8 +505,9 @@ class ContextPredictionLoss(nn.Module):
     ) -> Tensor:
         """The weighted scalar loss ``lambda * sum_s w_s * mean_b a_b mean_i D_{b,i}^s``.
 
-        ``sample_weight``: optional ``(B,)`` weights ``a_b`` of the samples (finite, ``>= 0``;
-        e.g. by diffusion timestep), applied before the batch mean; ``None`` = all 1.
+        ``sample_weight``: optional ``(B,)`` weights ``a_b`` of the samples (finite, ``>= 0``,
+        checked with ``check_finite``; e.g. by diffusion timestep), applied before the batch
+        mean; ``None`` = all 1.
         """
         return self.terms(features, target, generator, sample_weight).total
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import ctxpred
 from ctxpred import ContextPredictionLoss, MomentHead, NaiveHead, PixelNeighborhood
-from ctxpred.errors import DTypeError, ShapeError
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
 
 
 def _loss(head: str) -> ContextPredictionLoss:
@@ -74,6 +74,8 @@ def test_predictor_loss_passes_sample_weight_to_every_layer() -> None:
     (torch.ones(2, 1), ShapeError, "shape"),
     (torch.ones(2, dtype=torch.long), DTypeError, "floating-point"),
     ([1.0, 1.0], DTypeError, "floating-point"),
+    (torch.tensor([1.0, -1.0]), ValueRangeError, "finite and >= 0"),
+    (torch.tensor([1.0, float("nan")]), ValueRangeError, "finite and >= 0"),
 ])
 def test_bad_sample_weight_is_a_clear_error(bad, error, match) -> None:
     loss_fn = _loss("naive")
