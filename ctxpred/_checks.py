@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _value_check
 
 __all__ = [
     "check_devices",
@@ -63,20 +63,6 @@ def needs_target(neighborhood: nn.Module) -> bool:
     from ctxpred.neighborhoods import PixelNeighborhood, TokenNeighborhood
 
     return isinstance(neighborhood, (PixelNeighborhood, TokenNeighborhood))
-
-
-def _value_check(ok: Tensor, message: str, error: type[Exception]) -> None:
-    """Raise ``error(message)`` unless ``ok`` (a 0-d bool tensor), without a host sync.
-
-    On the CPU in eager mode reading ``ok`` costs no device sync: a plain check. On an
-    accelerator, or while ``torch.compile`` traces, an asynchronous device assert (the error then
-    surfaces as a ``RuntimeError`` with ``message``, at the next synchronization).
-    """
-    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(ok):
-            raise error(message)
-    elif ok.device.type != "meta":
-        torch._assert_async(ok, message)
 
 
 def check_finite(target: Tensor, name: str) -> None:

@@ -74,3 +74,17 @@ def check_rank(x: torch.Tensor, name: str, allowed: Sequence[int], layout: str) 
             f"{name} must have layout {layout} (rank {' or '.join(map(str, allowed))}), "
             f"got shape {tuple(x.shape)} (rank {x.dim()})"
         )
+
+
+def _value_check(ok: torch.Tensor, message: str, error: type[Exception]) -> None:
+    """Raise ``error(message)`` unless ``ok`` (a 0-d bool tensor), without a host sync.
+
+    On the CPU in eager mode reading ``ok`` costs no device sync: a plain check. On an
+    accelerator, or while ``torch.compile`` traces, an asynchronous device assert (the error then
+    surfaces as a ``RuntimeError`` with ``message``, at the next synchronization).
+    """
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise error(message)
+    elif ok.device.type != "meta":
+        torch._assert_async(ok, message)

@@ -46,11 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from ctxpred import _layout
-from ctxpred._checks import _value_check
 from ctxpred._deprecation import deprecated_names
 from ctxpred.errors import (
     ShapeError,
     ValueRangeError,
+    _value_check,
     check_floating,
     check_integer,
 )
