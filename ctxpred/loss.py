@@ -279,6 +279,17 @@ class ContextPredictionLoss(nn.Module):
             )
         self.resize = resize
         self.grid_shape = None if grid_shape is None else tuple(int(g) for g in grid_shape)
+        if not getattr(head, "uses_estimator", True) and (
+                estimator is not None or estimator_options or match_mask):
+            given = [name for name, value in (("estimator", estimator is not None),
+                                              ("estimator_options", bool(estimator_options)),
+                                              ("match_mask", bool(match_mask))) if value]
+            _checks.warn_user(
+                f"{type(head).__name__} compares its prediction in closed form and takes no "
+                f"Wasserstein estimator: {', '.join(given)} {'is' if len(given) == 1 else 'are'} "
+                f"ignored. Drop {'it' if len(given) == 1 else 'them'}, or use a sampling head "
+                f"(e.g. GaussianSamplingHead, or CategoricalHead(num_samples=...))"
+            )
         self.estimator, self._estimator_fn = _estimator(estimator, estimator_options)
         self.match_mask = bool(match_mask)
         if layout not in (None, "channels_first", "tokens"):

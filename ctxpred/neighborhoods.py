@@ -502,7 +502,7 @@ def standardize_features(
     else:
         grid = tuple(range(2, x.dim()))
         dims = grid if mode == "instance" else (0, *grid)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, float64 kept
     var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
     return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
@@ -646,6 +646,10 @@ class TokenNeighborhood(_NeighborhoodModule):
         if self.codebook is None:
             return nb
         vocab = self.codebook.shape[0]
+        if nb.values.device.type != "meta":  # a clamped id would read another token's entry
+            _value_check((((nb.values >= 0) & (nb.values < vocab)) | ~nb.mask).all(),
+                         f"TokenNeighborhood: token ids must lie in [0, {vocab}) (the codebook's "
+                         f"rows), got ids outside it", ValueRangeError)
         emb = self.codebook[nb.values.clamp(0, vocab - 1)]
         emb = emb * nb.mask.unsqueeze(-1).to(emb.dtype)
         return nb._replace(values=emb)

@@ -126,6 +126,7 @@ def test_categorical_head_modes():
 
 
 def test_categorical_low_temperature_soft_samples_are_nearly_one_hot():
+    torch.manual_seed(0)  # the head's init and input: not whatever earlier tests left
     head = CategoricalHead(5, 3, num_samples=50, temperature=0.01)
     samples = head(torch.randn(1, 2, 3), generator=torch.Generator().manual_seed(0)).samples
     assert (samples.max(-1).values > 0.99).float().mean() > 0.9

@@ -191,6 +191,25 @@ def test_token_neighbors_and_codebook():
     assert torch.equal(emb.values, expected)
 
 
+def test_codebook_ids_outside_the_vocabulary_are_an_error():
+    """They used to be clamped: id -2 read the embedding of id 0, silently."""
+    codebook = torch.randn(5, 2)
+    nb = ctxpred.TokenNeighborhood((1,), codebook=codebook)
+    assert nb(torch.tensor([[[0, 4, 2]]]), points=torch.tensor([1])).values.shape == (1, 1, 1, 8, 2)
+    for bad in (7, -2):
+        with pytest.raises(ValueRangeError, match=r"token ids must lie in \[0, 5\)"):
+            nb(torch.tensor([[[0, 1, bad]]]), points=torch.tensor([1]))  # a neighbor of point 1
+
+
+def test_standardized_features_keep_float64():
+    from ctxpred.neighborhoods import standardize_features
+
+    x = torch.randn(2, 4, 6, 5, dtype=torch.float64) * 3 + 1
+    want = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), unbiased=False, keepdim=True)
+                                                 + 1e-5).sqrt()
+    torch.testing.assert_close(standardize_features(x), want, rtol=1e-12, atol=1e-12)
+
+
 def test_point_indices_outside_the_grid_are_an_error():
     """An index past the grid used to return "valid" neighbors of a point that does not exist."""
     x = torch.randn(2, 3, 8, 8)

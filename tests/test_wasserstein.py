@@ -1268,7 +1268,7 @@ def _meta_losses():
     gaussian = {"out_channels": 3, "in_channels": 16, "num_strides": 2}
     cases = {f"pixel-{e}": (pixel_loss(ctxpred.GaussianSamplingHead(**gaussian), estimator=e),
                             *pixel) for e in ("exact", "sinkhorn", "sliced")}
-    cases["moment"] = (pixel_loss(ctxpred.MomentHead(**gaussian), estimator="gaussian"), *pixel)
+    cases["moment"] = (pixel_loss(ctxpred.MomentHead(**gaussian)), *pixel)
     cases["naive"] = (pixel_loss(ctxpred.NaiveHead(**gaussian)), *pixel)
     cases["token-distribution"] = (ctxpred.ContextPredictionLoss(
         ctxpred.TokenNeighborhood(strides=(1, 2)),

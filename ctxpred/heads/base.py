@@ -147,6 +147,13 @@ class ContextHead(nn.Module):
 
     target_kind: ClassVar[Literal["values", "ids"]] = "values"
 
+    @property
+    def uses_estimator(self) -> bool:
+        """Whether :meth:`divergence` reads the loss's Wasserstein ``estimator`` and
+        ``match_mask`` (sampling heads); a loss given either for a head that does not warns
+        that it is ignored."""
+        return True
+
     def __init__(self, out_channels: int, in_channels: int | None, num_strides: int) -> None:
         super().__init__()
         self.out_channels = _positive_int(out_channels, "out_channels")

@@ -221,6 +221,11 @@ class CategoricalHead(ContextHead):
         samples = soft if self.codebook is None else soft @ self.codebook.to(soft.dtype)
         return CategoricalPrediction(logits, samples, self.codebook)
 
+    @property
+    def uses_estimator(self) -> bool:
+        """Only the sampling mode (``num_samples``) compares samples with an estimator."""
+        return self.num_samples is not None
+
     def divergence(
         self, prediction: CategoricalPrediction, neighbors: Any,
         estimator: EstimatorSpec | None = None, *, match_mask: bool = False,

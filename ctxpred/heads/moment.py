@@ -147,6 +147,11 @@ class MomentHead(ContextHead):
         factor = out[..., 2:] if self.rank else None
         return MomentPrediction(out[..., 0], out[..., 1], factor)
 
+    @property
+    def uses_estimator(self) -> bool:
+        """``False``: a closed-form divergence, no Wasserstein estimator."""
+        return False
+
     def divergence(
         self, prediction: MomentPrediction, neighbors: Any, estimator: Any = None, *,
         match_mask: bool = False,

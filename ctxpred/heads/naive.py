@@ -107,6 +107,11 @@ class NaiveHead(ContextHead):
         # (B, P, S * K_s * C) -> (B, P, S, K_s, C)
         return out.unflatten(-1, (self.num_strides, self.num_slots, self.out_channels))
 
+    @property
+    def uses_estimator(self) -> bool:
+        """``False``: a closed-form divergence, no Wasserstein estimator."""
+        return False
+
     def divergence(
         self, prediction: Tensor, neighbors: Any, estimator: Any = None, *,
         match_mask: bool = False,

@@ -200,10 +200,10 @@ def build_context_losses(
         neighborhood = (ctxpred.PixelNeighborhood(strides=context.strides)
                         if context.target == "pixels"
                         else ctxpred.FeatureNeighborhood(strides=context.strides))
+        sampling = {"estimator": context.estimator, "match_mask": context.match_mask} \
+            if head.uses_estimator else {}  # the naive head compares slot by slot
         losses[name] = ctxpred.ContextPredictionLoss(
-            neighborhood, head,
-            estimator=context.estimator, weight=context.weight, points=context.points,
-            match_mask=context.match_mask,
+            neighborhood, head, weight=context.weight, points=context.points, **sampling,
         )
     return losses
 
