@@ -203,9 +203,9 @@ class ContextPredictionLoss(nn.Module):
         estimator: Wasserstein estimator handed to ``head.divergence`` (a registered name, a
             module or a callable ``(x, y, x_weights, y_weights) -> W_p^p``); ``None`` =
             :data:`ctxpred.wasserstein.LOSS_ESTIMATOR` (``"sinkhorn"``, see the module doc).
-        weight: ``lambda``, the factor of this layer's loss (default ``0.1``, the value of every
-            example, the demo and the benchmarks; the Tuning page says how to check it on your
-            model from the printed context/denoising gradient-norm ratio).
+        weight: ``lambda``, the factor of this layer's loss (default ``0.1``; the confirmed
+            recipe, the demo and the reference trainer use ``0.3``; the Tuning page says how to
+            check it on your model from the context/denoising gradient-norm ratio).
         stride_weights: ``w_s`` per stride (default ``1/S`` each).
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
             fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.

@@ -30,10 +30,12 @@ units), else ``relative_blur`` times the problem's mean cost, so the default acc
 depend on the data's scale and no global diameter is needed. :math:`\varepsilon` is a constant
 for the gradient. The defaults are tuned for equal-size uniform problems. Problems with
 unequal support sizes (masked points: a fractional optimal plan) converge more slowly: with the
-defaults their estimate can be percents too high in low dimension (up to ~20% on single problems
-of the masked workload of ``benchmarks/estimators.py``, pixel targets ``D = 3``). There
-``scaling=0.9, iterations=200`` kept the relative error below 1e-3 on every measured problem (see
-``docs/estimators.md``), at several times the cost; the exact solver handles masks on the device.
+defaults their estimate can be percents too high in low dimension (up to ~22% on single problems
+of the masked workload of ``benchmarks/estimators.py`` with pixel targets ``D = 3``, up to ~130%
+with 1-D points). There ``scaling=0.9, iterations=200`` kept the relative error below 1e-3 on
+every measured problem at ``D = 3`` and ``D = 64`` (not with 1-D points: 9e-3; see
+``docs/estimators.md``), at several times the cost; the exact solver handles masks on the
+device.
 """
 
 from __future__ import annotations
