@@ -186,6 +186,39 @@ def test_moment_divergence_matches_scipy(seed, rank):
         assert got[idx].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("channels", [16, 64])
+def test_moment_divergence_in_float32_with_a_singular_target_covariance(channels):
+    """8 neighbors in 16 or 64 channels: the target covariance is singular. float32 stays within
+    1e-4 of float64 (the square root of the singular covariance, taken before, biased the
+    value by 2.5e-4 to 5e-4 relative, and a near-perfect prediction's 3.5e-4 came out 3e-14);
+    float64 within 1e-6 of a scipy oracle, and its gradient passes gradcheck."""
+    g = torch.Generator().manual_seed(channels)
+    values = torch.randn(2, 3, 2, 8, channels, generator=g, dtype=torch.float64)
+    mask = _random_mask(g, (2, 3, 2, 8))
+    mask[..., :2] = True
+    pred = MomentPrediction(0.3 * torch.randn(2, 3, 2, channels, generator=g, dtype=torch.float64),
+                            torch.randn(2, 3, 2, channels, generator=g, dtype=torch.float64) - 1,
+                            0.5 * torch.randn(2, 3, 2, channels, 2, generator=g,
+                                              dtype=torch.float64))
+    want = moment_divergence(pred, values, mask)
+    got = moment_divergence(MomentPrediction(*(t.float() for t in pred)), values.float(), mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+    cov = pred.covariance()
+    for idx in [(0, 0, 0), (1, 2, 1)]:
+        y = values[idx][mask[idx]].numpy()
+        s2 = np.cov(y.T, bias=True)
+        root = scipy.linalg.sqrtm(cov[idx].numpy())
+        cross = np.real(scipy.linalg.sqrtm(root @ s2 @ root))
+        ref = ((pred.mean[idx].numpy() - y.mean(0)) ** 2).sum() + np.trace(
+            cov[idx].numpy() + s2 - 2 * cross)
+        assert want[idx].item() == pytest.approx(ref, rel=1e-6)
+    mean = pred.mean[:1, :1].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda m: moment_divergence(MomentPrediction(m, pred.log_variance[:1, :1],
+                                                     pred.factor[:1, :1]),
+                                    values[:1, :1], mask[:1, :1]), (mean,))
+
+
 def test_moment_divergence_empty_problem_is_zero_with_finite_grad():
     mean = torch.randn(1, 2, 1, 3, requires_grad=True)
     pred = MomentPrediction(mean, torch.zeros(1, 2, 1, 3), None)

@@ -26,7 +26,7 @@ from ctxpred.heads.base import (
     float32_core,
     match_strides,
 )
-from ctxpred.wasserstein import gaussian_w2
+from ctxpred.wasserstein import sqrtm_psd
 
 __all__ = ["MomentHead", "MomentPrediction", "moment_divergence"]
 
@@ -53,11 +53,12 @@ class MomentPrediction(NamedTuple):
 
 
 def _empirical_moments(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The valid neighbors' mean ``(..., C)`` and their centered, sqrt-weighted values
+    ``(..., K_s, C)`` (0 on masked slots), whose Gram matrix is the population covariance."""
     weight = mask.to(values.dtype)
     weight = weight / weight.sum(-1, keepdim=True).clamp_min(1.0)
     mean = (weight.unsqueeze(-1) * values).sum(-2)
-    centered = (values - mean.unsqueeze(-2)) * weight.unsqueeze(-1).sqrt()
-    return mean, centered.transpose(-1, -2) @ centered
+    return mean, (values - mean.unsqueeze(-2)) * weight.unsqueeze(-1).sqrt()
 
 
 def moment_divergence(prediction: MomentPrediction, values: Tensor, mask: Tensor) -> Tensor:
@@ -68,8 +69,11 @@ def moment_divergence(prediction: MomentPrediction, values: Tensor, mask: Tensor
         - 2 (\hat\Sigma^{1/2} \Sigma \hat\Sigma^{1/2})^{1/2}\big)
 
     with :math:`\bar y, \hat\Sigma` the mean and (population) covariance of the valid neighbors;
-    0 where no neighbor is valid. The Bures term comes from the estimator package
-    (:func:`ctxpred.wasserstein.gaussian_w2`).
+    0 where no neighbor is valid. The Bures term is computed as
+    :math:`\operatorname{tr}\Sigma + \operatorname{tr}\hat\Sigma - 2 \lVert Y \Sigma^{1/2}
+    \rVert_*` with :math:`\hat\Sigma = Y^\top Y` (:math:`Y` the centered, square-root-weighted
+    valid neighbors), equal to the formula above and well conditioned when :math:`\hat\Sigma` is
+    singular (fewer valid neighbors than channels).
 
     Args:
         prediction: :class:`MomentPrediction`, ``mean (B, P, S', C)``.
@@ -93,8 +97,14 @@ def moment_divergence(prediction: MomentPrediction, values: Tensor, mask: Tensor
         pred = MomentPrediction(_core(prediction.mean), _core(prediction.log_variance), factor)
         mean = match_strides(pred.mean, num_strides, "the moment head")
         cov = match_strides(pred.covariance(), num_strides, "the moment head")
-        target_mean, target_cov = _empirical_moments(_core(values).to(mean.dtype), mask)
-        value = gaussian_w2(mean, cov, target_mean, target_cov)
+        target_mean, centered = _empirical_moments(_core(values).to(mean.dtype), mask)
+        # tr((S^1/2 Sigma S^1/2)^1/2) with S = Y^T Y is the nuclear norm of Y Sigma^1/2: a
+        # (K_s, C) matrix, so the target covariance's square root (singular whenever
+        # K_s <= C, where rounding noise in its zero eigenvalues biased the value) is never
+        # taken; Sigma is positive definite
+        cross = torch.linalg.svdvals(centered @ sqrtm_psd(cov)).sum(-1)
+        trace = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) + centered.pow(2).sum((-1, -2))
+        value = (mean - target_mean).pow(2).sum(-1) + (trace - 2.0 * cross).clamp_min(0.0)
         return value * mask.any(-1).to(value.dtype)
 
 
