@@ -338,6 +338,16 @@ class ContextPredictionLoss(nn.Module):
                 f"{type(head).__name__} compares token ids: use a TokenNeighborhood, got "
                 f"{type(neighborhood).__name__}"
             )
+        codebook = getattr(neighborhood, "codebook", None)
+        num_classes = getattr(head, "num_classes", None)
+        if (head.target_kind == "ids" and codebook is not None and num_classes is not None
+                and codebook.shape[0] != num_classes):
+            raise ShapeError(
+                f"the TokenNeighborhood's codebook has {codebook.shape[0]} rows but "
+                f"{type(head).__name__} has num_classes={num_classes}: the ids index both, so "
+                f"the vocabularies must match (the head compares ids; give the codebook to the "
+                f"head, CategoricalHead(codebook=..., num_samples=...), to compare embeddings)"
+            )
         if (is_token and head.target_kind != "ids"
                 and getattr(neighborhood, "codebook", None) is None):
             raise ValueRangeError(

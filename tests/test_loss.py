@@ -603,6 +603,15 @@ def test_token_layout_target_gets_the_reshape_advice():
     assert torch.isfinite(loss_fn(tokens, target.transpose(1, 2).reshape(2, 3, 4, 8)))
 
 
+def test_token_codebook_and_head_vocabularies_must_match():
+    with pytest.raises(ShapeError, match=r"codebook has 12 rows but CategoricalHead has "
+                                         r"num_classes=10"):
+        ContextPredictionLoss(TokenNeighborhood((1,), codebook=torch.randn(12, 2)),
+                              CategoricalHead(10, 16))
+    ContextPredictionLoss(TokenNeighborhood((1,), codebook=torch.randn(10, 2)),
+                          CategoricalHead(10, 16))
+
+
 def test_float_token_ids_are_named_as_a_dtype_slip():
     """Float ids for a CategoricalHead: a DTypeError naming the ids (it used to be read as a
     float (B, C, *grid) target and fail on a grid-shape mismatch)."""
