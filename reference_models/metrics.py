@@ -322,8 +322,8 @@ def digits_classifier(cache_dir: str | os.PathLike | None = None) -> DigitsClass
 
     Weights are stored at ``<cache_dir>/digits_classifier_<hash>.pt`` (default ``cache_dir``:
     ``$CTXPRED_CACHE`` or ``.cache`` in the working directory; gitignored, never committed),
-    written atomically (temporary file + rename). Training is deterministic (seed 0) on the
-    train split of :func:`reference_models.data.load_digits_with_labels`.
+    written atomically (temporary file + rename). Training is deterministic (seed 0, one thread)
+    on the train split of :func:`reference_models.data.load_digits_with_labels`.
     """
     tag = hashlib.sha1(_CLASSIFIER_VERSION.encode()).hexdigest()[:8]
     path = _cache_dir(cache_dir) / f"digits_classifier_{tag}.pt"
@@ -331,7 +331,12 @@ def digits_classifier(cache_dir: str | os.PathLike | None = None) -> DigitsClass
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    model = _train_digits_classifier()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same weights whatever the caller's thread count (the cache
+    try:  # name cannot tell builds apart: 2 threads moved fd_digits by ~1.7%)
+        model = _train_digits_classifier()
+    finally:
+        torch.set_num_threads(threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)

@@ -76,6 +76,27 @@ def test_frechet_distance_matches_scipy_sqrtm() -> None:
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_digits_classifier_trains_on_one_thread_whatever_the_caller(tmp_path, monkeypatch):
+    """Its weights (so fd_digits) depended on the caller's thread count (2 threads moved
+    fd_digits by ~1.7%), which the cache name does not record: it trains on one thread."""
+    from reference_models import metrics
+
+    seen = []
+
+    def fake_training():
+        seen.append(torch.get_num_threads())
+        return metrics.DigitsClassifier()
+
+    monkeypatch.setattr(metrics, "_train_digits_classifier", fake_training)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        digits_classifier(cache_dir=tmp_path)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_digits_classifier_cached_accurate_and_frechet(tmp_path) -> None:
     model = digits_classifier(cache_dir=tmp_path)
     assert len(list(tmp_path.glob("digits_classifier_*.pt"))) == 1
