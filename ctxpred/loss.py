@@ -301,6 +301,7 @@ class ContextPredictionLoss(nn.Module):
             self.DEFAULT_SCALE_ANCHOR if scale_anchor is None else scale_anchor, "scale_anchor")
         # RMS of the hooked features at the first feature-context call (nan until then)
         self.register_buffer("anchor_rms", torch.full((), float("nan")))
+        self._anchor_synced = False  # under torch.distributed: the first anchor is averaged
         self.name = type(self).__name__
         self._warned_upsample = False
 
@@ -510,10 +511,15 @@ class ContextPredictionLoss(nn.Module):
 
     def _scale_anchor(self, features: Tensor) -> Tensor:
         """``(log rms(h) - log rms_0)^2`` with ``rms_0`` the features' RMS at the first call
-        (stored in the ``anchor_rms`` buffer, so checkpoints keep it). No host sync."""
+        (averaged over the ranks under ``torch.distributed``; stored in the ``anchor_rms``
+        buffer, so checkpoints keep it). No host sync."""
         rms = features.float().pow(2).mean().add(1e-12).sqrt()
         with torch.no_grad():
-            ref = torch.where(torch.isnan(self.anchor_rms), rms.detach(), self.anchor_rms)
+            first = rms.detach()
+            if not self._anchor_synced:  # this process's first call (a host-side flag)
+                self._anchor_synced = True
+                first = _mean_over_ranks(first)
+            ref = torch.where(torch.isnan(self.anchor_rms), first, self.anchor_rms)
             self.anchor_rms.copy_(ref)
         return (rms.log() - ref.log()).pow(2)
 
@@ -609,6 +615,18 @@ def _estimator(
         _resolve_estimator(estimator)  # type check
         return estimator, None
     return estimator, _resolve_estimator(estimator, **(options or {}))
+
+def _mean_over_ranks(value: Tensor) -> Tensor:
+    """``value`` averaged over the ranks of an initialized default process group (each rank
+    sees other data: an anchor taken alone would give every rank another objective), else
+    ``value``. A collective: every rank calls it at the same step."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return value
+    total = value.clone()
+    distributed.all_reduce(total)
+    return total / distributed.get_world_size()
+
 
 def group_by_stride(values: Tensor, mask: Tensor, num_strides: int) -> tuple[Tensor, Tensor]:
     """Deprecated: :class:`~ctxpred.neighborhoods.Neighbors` keeps the stride axis already.

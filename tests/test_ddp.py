@@ -42,6 +42,10 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
                 ctxpred.GaussianSamplingHead(3, 8, num_samples=4, num_strides=2), points=16)
             for name in ("enc", "dec")
         }
+        # feature context: its scale anchor is taken at the first call, on each rank's own data
+        losses["out"] = ctxpred.ContextPredictionLoss(
+            ctxpred.FeatureNeighborhood(strides=(1,)),
+            ctxpred.GaussianSamplingHead(3, 3, num_samples=4), points=16)
         predictor = ctxpred.attach(model, losses)
         ddp = nn.parallel.DistributedDataParallel(predictor.training_module())
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -54,7 +58,8 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
             loss.backward()
             opt.step()
         grads = {n: p.grad.clone() for n, p in ddp.module.named_parameters()}
-        torch.save({"grads": grads, "weights": ddp.module.state_dict()},
+        torch.save({"grads": grads, "weights": ddp.module.state_dict(),
+                    "anchor": losses["out"].anchor_rms.clone()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -71,3 +76,6 @@ def test_ddp_two_cpu_processes_sync_backbone_and_heads(tmp_path):
         torch.testing.assert_close(g0, g1, msg=f"gradient of {name} differs across ranks")
     for name, w in ranks[0]["weights"].items():
         torch.testing.assert_close(w, ranks[1]["weights"][name])
+    # one scale anchor for all ranks (the mean of their first batches' RMS), not one per rank
+    assert torch.isfinite(ranks[0]["anchor"])
+    assert torch.equal(ranks[0]["anchor"], ranks[1]["anchor"])
