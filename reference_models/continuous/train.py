@@ -331,6 +331,20 @@ class Trainer:
             yield
             self._rng_state = self._get_global_rng()
 
+    @contextlib.contextmanager
+    def _context_rng(self) -> Iterator[None]:
+        """With dropout, the context term draws its random numbers (query points, head noise)
+        from a stream of its own, seeded by the run's seed and the step (no state to
+        checkpoint): drawn from the owned stream, they would shift the dropout masks of later
+        steps, which the baseline arm does not see, and unpair the arms. Without dropout
+        nothing else draws from the owned stream, which it then keeps using, as before."""
+        if self.config.dropout == 0:
+            yield
+            return
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            torch.manual_seed((self.config.seed + 3) * 1_000_003 + self.step)
+            yield
+
     # -- training ------------------------------------------------------------------------------
     def _batch(self) -> Tensor:
         idx = torch.randint(0, len(self.data), (self.config.batch_size,), generator=self.generator)
@@ -421,8 +435,9 @@ class Trainer:
                 measure = every > 0 and (self.step + 1) % every == 0
                 features = list(self.predictor.captured.values()) if measure else []
                 target = x0 if cfg.context.target == "pixels" else None
-                context = self.predictor.loss(target=target,
-                                              sample_weight=self.context_sample_weight(t))
+                with self._context_rng():
+                    context = self.predictor.loss(target=target,
+                                                  sample_weight=self.context_sample_weight(t))
                 if measure:
                     ratio = self.gradient_ratio(point, context, features).detach()
             else:

@@ -297,13 +297,16 @@ def train(
                 x0 = tokens[idx.to(device)]
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(step, config)
-                noise_gen = torch.Generator(device="cpu").manual_seed(
-                    int(torch.randint(0, 2**62, (1,), generator=gen))
-                )
+                noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+                noise_gen = torch.Generator(device="cpu").manual_seed(noise_seed)
                 t = torch.randint(1, config.num_steps + 1, (config.batch_size,),
                                   generator=noise_gen)
-                out = diffusion.loss(model, x0, t.to(device),
-                                     generator=noise_gen if str(device) == "cpu" else None)
+                # the corruption noise from a generator of its own on every device: on an
+                # accelerator the global one is also ctxpred's (query points, Gumbel noise), so
+                # a context arm would see other x_t than its baseline from the second step on
+                q_gen = noise_gen if torch.device(device).type == "cpu" else torch.Generator(
+                    device=device).manual_seed(noise_seed)
+                out = diffusion.loss(model, x0, t.to(device), generator=q_gen)
                 total, ctx = out.loss, torch.zeros(())
                 if predictor is not None:
                     ctx = predictor.loss(target=x0)
