@@ -15,6 +15,15 @@ foreign model (forward hooks). Every module has a plain function in :mod:`ctxpre
 The top level holds what a user writes in a training script; plumbing (prediction types,
 :class:`~ctxpred.attach.ModelWithHeads`, the estimator modules) lives in its submodule. Names of
 the 0.1 release that moved or were renamed still resolve here, with a ``DeprecationWarning``.
+
+Example:
+    >>> import torch, ctxpred
+    >>> loss_fn = ctxpred.ContextPredictionLoss(
+    ...     ctxpred.PixelNeighborhood(strides=(1, 2)),
+    ...     ctxpred.GaussianSamplingHead(out_channels=3, in_channels=8, num_strides=2))
+    >>> features, image = torch.randn(2, 8, 16, 16), torch.randn(2, 3, 16, 16)
+    >>> loss_fn(features, image).shape
+    torch.Size([])
 """
 
 from ctxpred import functional, wasserstein

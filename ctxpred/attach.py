@@ -37,6 +37,19 @@ wrapper for the forward and ``predictor.loss(...)`` as usual (a forward that byp
 ``torch.distributed`` is initialized warns once). Every head takes part in every step, so
 ``find_unused_parameters`` can stay ``False``. Lazy heads (``in_channels=None``) must be
 materialized first (:meth:`ContextPredictor.initialize`).
+
+Example:
+    >>> import torch, ctxpred
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 1))
+    >>> loss = ctxpred.ContextPredictionLoss(ctxpred.PixelNeighborhood(),
+    ...                                      ctxpred.GaussianSamplingHead(3, 8))
+    >>> predictor = ctxpred.attach(model, {"1": loss})  # the SiLU's output, (B, 8, H, W)
+    >>> x0 = torch.randn(2, 3, 8, 8)
+    >>> denoised = model(x0)  # the hook captures the layer output
+    >>> predictor.loss(target=x0).shape
+    torch.Size([])
+    >>> predictor.remove()  # for sampling: the model is exactly as before
 """
 
 from __future__ import annotations
@@ -159,6 +172,17 @@ class ModelWithHeads(nn.Module):
         heads: the predictor's heads (:attr:`ContextPredictor.heads`).
         losses: the predictor's losses (:attr:`ContextPredictor.loss_modules`), whose state
             goes into the checkpoint.
+
+    Example:
+        >>> import torch, ctxpred
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 1))
+        >>> predictor = ctxpred.attach(model, {"1": ctxpred.ContextPredictionLoss(
+        ...     ctxpred.PixelNeighborhood(), ctxpred.GaussianSamplingHead(3, 8))})
+        >>> wrapper = predictor.training_module()  # an instance of this class
+        >>> sorted({key.split(".")[0] for key in wrapper.state_dict()})
+        ['heads', 'model']
+        >>> predictor.remove()
     """
 
     def __init__(self, model: nn.Module, heads: nn.Module,
@@ -191,6 +215,8 @@ class ModelWithHeads(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)``, with the predictor's hooks told that the heads run
+        inside the same module (what DDP needs; see the class docstring)."""
         # tells the predictor's hooks that this forward runs with the heads in one module (DDP)
         object.__setattr__(self.heads, _WRAPPED_FLAG, True)
         try:
@@ -226,6 +252,21 @@ class ContextPredictor:
         loss_modules: ``{layer name: ContextPredictionLoss}``.
         heads: ``nn.ModuleDict`` of the heads only, keyed by layer name with ``.`` -> ``/``.
         last_losses: detached per-layer values of the last :meth:`loss` / :meth:`losses` call.
+
+    Example:
+        >>> import torch, ctxpred
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 1))
+        >>> predictor = ctxpred.attach(model, {"1": ctxpred.ContextPredictionLoss(
+        ...     ctxpred.PixelNeighborhood(), ctxpred.GaussianSamplingHead(3, 8))})
+        >>> optimizer = torch.optim.Adam(predictor.training_module().parameters())
+        >>> x0 = torch.randn(2, 3, 8, 8)  # the clean images, (B, C, H, W)
+        >>> loss = ((model(x0) - x0) ** 2).mean() + predictor.loss(target=x0)
+        >>> loss.backward(); optimizer.step()
+        >>> sorted(predictor.last_losses), predictor.attached
+        (['1'], True)
+        >>> predictor.remove(); predictor.attached
+        False
     """
 
     #: every this many :meth:`losses` calls with gradients on, the heads' parameters must have

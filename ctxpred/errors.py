@@ -60,7 +60,15 @@ def check_floating(x: torch.Tensor, name: str) -> None:
 
 
 def check_integer(x: torch.Tensor, name: str) -> None:
-    """Raise :class:`DTypeError` unless ``x`` is an integer (non-bool) tensor."""
+    """Raise :class:`DTypeError` unless ``x`` is an integer (non-bool) tensor.
+
+    Example:
+        >>> try:
+        ...     check_integer(torch.tensor([0.5]), "ids")
+        ... except DTypeError as err:
+        ...     print(err)
+        ids must be an integer tensor (token ids), got dtype torch.float32
+    """
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
@@ -68,7 +76,15 @@ def check_integer(x: torch.Tensor, name: str) -> None:
 
 
 def check_rank(x: torch.Tensor, name: str, allowed: Sequence[int], layout: str) -> None:
-    """Raise :class:`ShapeError` unless ``x.dim()`` is in ``allowed``; ``layout`` describes it."""
+    """Raise :class:`ShapeError` unless ``x.dim()`` is in ``allowed``; ``layout`` describes it.
+
+    Example:
+        >>> try:
+        ...     check_rank(torch.zeros(2, 3), "x", (4,), "(B, C, H, W)")
+        ... except ShapeError as err:
+        ...     print(err)
+        x must have layout (B, C, H, W) (rank 4), got shape (2, 3) (rank 2)
+    """
     if x.dim() not in allowed:
         raise ShapeError(
             f"{name} must have layout {layout} (rank {' or '.join(map(str, allowed))}), "

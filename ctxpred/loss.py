@@ -547,6 +547,7 @@ class ContextPredictionLoss(nn.Module):
         self.head(z)
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         est = self.estimator if isinstance(self.estimator, str) else type(self.estimator).__name__
         layout = "" if self.layer_layout is None else f", layout={self.layer_layout!r}"
         return (f"estimator={est!r}, weight={self.weight}, points={self.points}, "

@@ -31,6 +31,12 @@ Points are numbered by their row-major flat index in the grid. ``points`` select
 to evaluate: ``None`` (all ``P = prod(spatial)``), an ``int`` (a uniform random subset of that many
 points, drawn on the device with an optional ``generator``), or a long tensor of flat indices,
 shape ``(P,)`` (shared by the batch) or ``(B, P)`` (one set per sample).
+
+Example:
+    >>> import torch
+    >>> nb = PixelNeighborhood(strides=(1, 2))(torch.randn(2, 3, 8, 8))
+    >>> nb.values.shape, nb.mask.shape  # (B, P, S, K_s, C), (B, P, S, K_s)
+    (torch.Size([2, 64, 2, 8, 3]), torch.Size([2, 64, 2, 8]))
 """
 
 from __future__ import annotations
@@ -426,6 +432,7 @@ class _NeighborhoodModule(nn.Module):
         self.allow_empty = allow_empty
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         g = f", grid_shape={self.grid_shape}" if self.grid_shape else ""
         return f"strides={self.strides}, kernel_size={self.kernel_size}{g}"
 
@@ -454,6 +461,10 @@ class PixelNeighborhood(_NeighborhoodModule):
     def forward(
         self, x: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
     ) -> Neighbors:
+        """Neighbors of ``x`` ``(B, C, *spatial)`` (``(B, L, C)`` with ``grid_shape``) at the
+        query ``points`` (``None``: all; a count drawn with ``generator``; or indices ``(P,)`` /
+        ``(B, P)``): :class:`Neighbors` with ``values (B, P, S, K_s, C)`` and ``mask (B, P, S,
+        K_s)``, as in the class example."""
         return neighbors(
             x, self.strides, self.kernel_size, self.grid_shape,
             points=points, generator=generator, allow_empty=self.allow_empty,
@@ -572,6 +583,11 @@ class FeatureNeighborhood(_NeighborhoodModule):
     def forward(
         self, x: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
     ) -> Neighbors:
+        """Neighbors of the features ``x`` ``(B, C, *spatial)`` (``(B, L, C)`` with
+        ``grid_shape``) at the query ``points`` (``None``: all; a count drawn with
+        ``generator``; or indices ``(P,)`` / ``(B, P)``): :class:`Neighbors` with ``values
+        (B, P, S, K_s, C)`` and ``mask (B, P, S, K_s)``, detached unless ``detach=False``,
+        standardized by ``normalize``."""
         x = x.detach() if self.detach else x
         return neighbors(
             self.prediction_space(x), self.strides, self.kernel_size, self.grid_shape,
@@ -579,6 +595,7 @@ class FeatureNeighborhood(_NeighborhoodModule):
         )
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         return f"{super().extra_repr()}, detach={self.detach}, normalize={self.normalize!r}"
 
 
@@ -642,6 +659,9 @@ class TokenNeighborhood(_NeighborhoodModule):
     def forward(
         self, ids: Tensor, points: PointsSpec = None, generator: torch.Generator | None = None
     ) -> Neighbors:
+        """Neighbors of token ``ids`` ``(B, *grid)`` (or ``(B, L)`` with ``grid_shape``) at the
+        query ``points``: :meth:`ids`, then, with a codebook ``(V, D)``, each id's embedding:
+        ``values (B, P, S, K_s, D)`` (0 on masked slots), ``mask (B, P, S, K_s)``."""
         nb = self.ids(ids, points, generator)
         if self.codebook is None:
             return nb

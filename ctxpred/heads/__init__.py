@@ -20,6 +20,13 @@ Input channels: pass ``in_channels`` explicitly, or leave it ``None`` to infer i
 forward (``nn.LazyLinear``). A lazy head has no parameters until it has seen one input: build the
 optimizer only after that (``ContextPredictor.initialize(...)`` in :mod:`ctxpred.attach` runs one
 dry forward for this purpose).
+
+Example:
+    >>> import torch
+    >>> from ctxpred.heads import GaussianSamplingHead
+    >>> head = GaussianSamplingHead(out_channels=3, in_channels=8, num_samples=4)
+    >>> head(torch.randn(2, 5, 8)).shape  # (B, P, S, Q, C) samples of each point's neighborhood
+    torch.Size([2, 5, 1, 4, 3])
 """
 
 from ctxpred.heads.base import ContextHead, check_out_channels, float32_core, match_strides

@@ -18,6 +18,11 @@ the docs).
 
 The helpers :func:`match_strides`, :func:`check_out_channels`, :func:`float32_core` are shared by
 the built-in divergences and are there for custom heads too.
+
+Example:
+    >>> from ctxpred.heads import GaussianSamplingHead, MomentHead
+    >>> issubclass(MomentHead, ContextHead), GaussianSamplingHead(3, 8).uses_estimator
+    (True, True)
 """
 
 from __future__ import annotations
@@ -231,5 +236,6 @@ class ContextHead(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"num_strides={self.num_strides}")

@@ -43,6 +43,11 @@ class CategoricalPrediction(NamedTuple):
             (one-hot vectors, ``D = V``, without a codebook); ``None`` in distribution mode.
         codebook: ``(V, D)`` embedding the ground cost is measured in, or ``None`` for the
             discrete (0-1) cost.
+
+    Example:
+        >>> pred = CategoricalHead(num_classes=5, in_channels=8)(torch.randn(2, 3, 8))
+        >>> pred.logits.shape, pred.samples is None  # distribution mode: no samples
+        (torch.Size([2, 3, 1, 5]), True)
     """
 
     logits: Tensor

@@ -38,6 +38,13 @@ class MomentPrediction(NamedTuple):
         mean: ``(B, P, S, C)``.
         log_variance: ``(B, P, S, C)``, the diagonal part ``D = diag(exp(log_variance))``.
         factor: ``(B, P, S, C, R)`` low-rank factor ``F`` (``None`` when ``rank=0``).
+
+    Example:
+        >>> pred = MomentPrediction(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2),
+        ...                         torch.ones(1, 1, 1, 2, 1))
+        >>> pred.covariance()[0, 0, 0]  # diag(exp(0)) + F F^T
+        tensor([[2., 1.],
+                [1., 2.]])
     """
 
     mean: Tensor
@@ -170,4 +177,5 @@ class MomentHead(ContextHead):
         return moment_divergence(prediction, neighbors.values, neighbors.mask)
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         return f"{super().extra_repr()}, rank={self.rank}"

@@ -120,4 +120,5 @@ class NaiveHead(ContextHead):
         return naive_divergence(prediction, neighbors.values, neighbors.mask)
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         return f"{super().extra_repr()}, num_slots={self.num_slots}"

@@ -2,6 +2,11 @@
 
 Each module is its function with the options fixed at construction; subclass
 :class:`EstimatorModule` the same way for an estimator of your own.
+
+Example:
+    >>> from ctxpred.wasserstein import ExactWasserstein
+    >>> isinstance(ExactWasserstein(), EstimatorModule), ExactWasserstein(p=1).options()["p"]
+    (True, 1)
 """
 
 from __future__ import annotations
@@ -59,8 +64,11 @@ class EstimatorModule(nn.Module):
         x_weights: Tensor | None = None,
         y_weights: Tensor | None = None,
     ) -> Tensor:
+        """``function(x, y, x_weights, y_weights, **options)``: ``x (..., N, D)``,
+        ``y (..., M, D)``, weights ``(..., N)`` / ``(..., M)`` -> ``(...)``."""
         return type(self).function(x, y, x_weights, y_weights, **self.options())
 
     def extra_repr(self) -> str:
+        """The options shown in ``repr(module)``."""
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._option_names
                          if name != "check_finite")

@@ -43,6 +43,13 @@ asynchronous device-side assert.
 
 Empty problems (zero total weight on a side, e.g. every neighbor masked) have value 0 and zero
 gradient on every path.
+
+Example:
+    >>> x, y = torch.randn(3, 8, 2), torch.randn(3, 8, 2)
+    >>> mask = torch.ones(3, 8)
+    >>> mask[:, :3] = 0  # 8 predicted samples against the 5 valid neighbors
+    >>> exact_wasserstein(x, y, None, mask).shape
+    torch.Size([3])
 """
 
 from __future__ import annotations
@@ -522,6 +529,10 @@ def flow_augmentation_bound(n: int, m: int) -> int:
     A problem with ``n_a`` valid rows and ``n_b`` valid columns carries
     :math:`\\operatorname{lcm}(n_a, n_b)` units of integer flow and every augmentation moves at
     least one, so the bound is the largest such lcm.
+
+    Example:
+        >>> flow_augmentation_bound(8, 8)  # 8 samples against 7 of 8 neighbors: lcm(8, 7)
+        56
     """
     bound = 0
     for a in range(1, n + 1):
