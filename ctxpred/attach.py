@@ -174,15 +174,11 @@ class ModelWithHeads(nn.Module):
             goes into the checkpoint.
 
     Example:
-        >>> import torch, ctxpred
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 1))
-        >>> predictor = ctxpred.attach(model, {"1": ctxpred.ContextPredictionLoss(
-        ...     ctxpred.PixelNeighborhood(), ctxpred.GaussianSamplingHead(3, 8))})
-        >>> wrapper = predictor.training_module()  # an instance of this class
-        >>> sorted({key.split(".")[0] for key in wrapper.state_dict()})
-        ['heads', 'model']
-        >>> predictor.remove()
+        >>> import ctxpred
+        >>> heads = nn.ModuleDict({"mid": ctxpred.GaussianSamplingHead(3, 8)})
+        >>> wrapper = ModelWithHeads(nn.Linear(4, 4), heads)  # predictor.training_module()
+        >>> sorted({key.split(".")[0] for key in wrapper.state_dict()}), wrapper.in_features
+        (['heads', 'model'], 4)
     """
 
     def __init__(self, model: nn.Module, heads: nn.Module,
