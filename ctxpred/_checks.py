@@ -104,6 +104,12 @@ def check_target_dtype(target: Tensor, wants_ids: bool, name: str) -> None:
     )
 
 
+def channels_first_permute(rank: int) -> str:
+    """The ``permute`` arguments that bring a channels-last ``(B, *grid, C)`` tensor of ``rank``
+    dims to channels-first ``(B, C, *grid)``, for error messages: ``"0, 3, 1, 2"`` at rank 4."""
+    return ", ".join(str(d) for d in (0, rank - 1, *range(1, rank - 1)))
+
+
 def check_target_layout(
     target: Tensor, grid: Sequence[int], channels: int | None, name: str
 ) -> None:
@@ -129,7 +135,7 @@ def check_target_layout(
         )
     if (channels is not None and target.dim() == rank and shape[1] != channels
             and shape[-1] == channels):
-        order = ", ".join(str(d) for d in (0, rank - 1, *range(1, rank - 1)))
+        order = channels_first_permute(rank)
         raise ShapeError(
             f"{name}: the target {shape} looks channels-last (B, *grid, C) with C={channels} "
             f"last, but ctxpred reads channels-first (B, C, *grid): pass "

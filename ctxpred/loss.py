@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from ctxpred import _checks, _layout
 from ctxpred._deprecation import deprecated_names
 from ctxpred._layout import Layout, ResizeMode
-from ctxpred.errors import DTypeError, ShapeError, ValueRangeError
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _value_check
 from ctxpred.heads.base import ContextHead
 from ctxpred.neighborhoods import Neighbors, gather_points, standardize_features
 from ctxpred.wasserstein import EstimatorSpec, _bind_generator
@@ -145,8 +145,8 @@ def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str,
             f"{name}: sample_weight must have shape (B,) = ({batch},) like the layer's batch, got "
             f"{tuple(sample_weight.shape)}"
         )
-    if check_values and sample_weight.device.type != "meta":
-        _checks._value_check(
+    if check_values:
+        _value_check(
             (torch.isfinite(sample_weight) & (sample_weight >= 0)).all(),
             f"{name}: sample_weight must be finite and >= 0 (a NaN, Inf or negative weight "
             f"makes the loss NaN or rewards a larger context error); pass check_finite=False "
@@ -466,8 +466,7 @@ class ContextPredictionLoss(nn.Module):
         want = self.head.in_channels
         if (want is not None and lay.channels != want and features.dim() >= 4
                 and features.shape[-1] == want):
-            rank = features.dim()
-            order = ", ".join(str(d) for d in (0, rank - 1, *range(1, rank - 1)))
+            order = _checks.channels_first_permute(features.dim())
             raise ShapeError(
                 f"{self.name}: the layer output {tuple(features.shape)} has {lay.channels} "
                 f"channels on axis 1, but the head expects in_channels={want}, which is the "

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -222,6 +223,16 @@ def _check_options(method: str, fn: Callable[..., Any], options: Mapping[str, An
         )
 
 
+@functools.cache
+def _takes_generator(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` has a parameter named ``generator`` (``**kwargs`` alone get nothing they
+    did not ask for). Cached: the loss asks at every step."""
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _bind_generator(estimator: Estimator, generator: Any) -> Estimator:
     """``estimator`` drawing its random numbers from ``generator`` (e.g. the sliced estimator's
     directions), where it draws any: a named estimator (:func:`resolve_estimator`) or an
@@ -245,11 +256,8 @@ def _bind_generator(estimator: Estimator, generator: Any) -> Estimator:
         fn, options = type(estimator).function, estimator.options()
     else:
         return estimator
-    try:  # a parameter of that name (not just **kwargs: those get nothing they did not ask for)
-        takes = "generator" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if not takes or options.get("seed") is not None or options.get("generator") is not None:
+    if (not _takes_generator(fn) or options.get("seed") is not None
+            or options.get("generator") is not None):
         return estimator
     options["generator"] = generator
 

@@ -198,14 +198,13 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
         gets = wants & (winner.gather(1, arg_col) == columns)
         col4row = torch.where(gets, arg_col, col4row).t().contiguous()
         owner.scatter_(1, torch.where(gets, arg_col, n), columns)
-        u_start = torch.where(gets, row_low, 0.0).t().contiguous()
+        u = torch.where(gets, row_low, 0.0).t().contiguous()
         row4col = owner[:, :n].t().contiguous()
         cost_t = None
     else:
         cost_t = cost.permute(1, 2, 0).contiguous()  # (row, column, problem)
-        u_start = None
+        u = cost.new_zeros(n, bsz)
     row_valid, col_valid = row_valid.t(), col_valid.t()
-    u = cost.new_zeros(n, bsz) if u_start is None else u_start
     blocked = ~col_valid
     rows_f = torch.arange(n, device=device, dtype=cost.dtype).unsqueeze(1)
     blocked_big = blocked.to(cost.dtype) * big

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError, check_floating
-from ctxpred.wasserstein._validate import float32_core, prepare, restore, weighted_mean
+from ctxpred.wasserstein._validate import center, float32_core, prepare, restore
 from ctxpred.wasserstein.base import EstimatorModule
 
 __all__ = ["GaussianWasserstein", "gaussian_w2", "gaussian_wasserstein", "sqrtm_psd"]
@@ -79,8 +79,7 @@ def gaussian_wasserstein(
         xs, ys, a, b = prep.x, prep.y, prep.a, prep.b
         # translation invariant: moments of clouds centered on y's mean, so that points far
         # from the origin keep their spread in float32
-        center = weighted_mean(ys.detach(), b)
-        xs, ys = xs - center, ys - center
+        xs, ys = center(xs, ys, b)
         mx = (a.unsqueeze(-1) * xs).sum(-2)
         my = (b.unsqueeze(-1) * ys).sum(-2)
         xc, yc = xs - mx.unsqueeze(-2), ys - my.unsqueeze(-2)

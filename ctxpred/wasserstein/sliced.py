@@ -26,11 +26,11 @@ from torch import Tensor
 from ctxpred.errors import ShapeError, ValueRangeError
 from ctxpred.wasserstein._validate import (
     _zero_value,
+    center,
     float32_core,
     prefix_sum,
     prepare,
     restore,
-    weighted_mean,
 )
 from ctxpred.wasserstein.base import EstimatorModule
 
@@ -127,8 +127,7 @@ def sliced_wasserstein(
         # W is translation invariant: project clouds centered on y's mean, so that points far
         # from the origin keep their spread in float32 (a projection of 1e4-sized coordinates
         # rounds at 1e-3)
-        center = weighted_mean(ys.detach(), b)
-        xs, ys = xs - center, ys - center
+        xs, ys = center(xs, ys, b)
         d = xs.shape[-1]
         if projections is None:
             theta = random_directions(
