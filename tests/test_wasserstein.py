@@ -263,6 +263,29 @@ def test_low_level_solvers_reject_bad_inputs_clearly():
     transport_plan(torch.rand(1, 3, 4))  # any n x m
 
 
+@pytest.mark.parametrize("accelerator_schedule", [False, True])
+def test_transport_plan_reads_non_finite_costs_as_zero(accelerator_schedule):
+    """Non-finite costs (check_finite=False with a NaN target point) leave the plan finite and
+    feasible (they are read as 0; the caller's value is NaN all the same): the float-only loop
+    never turns a NaN into an index."""
+    g = torch.Generator().manual_seed(3)
+    cost = torch.rand(4, 5, 3, generator=g)
+    cost[0, 1, 2] = float("nan")
+    cost[1] = float("nan")  # a whole problem (a NaN target makes every cost NaN)
+    cost[2, 0, 0] = float("inf")
+    cost[3, :, 1] = float("inf")
+    cols = torch.ones(4, 3, dtype=torch.bool)
+    cols[0, 2] = False
+    with fixed_schedule() if accelerator_schedule else contextlib.nullcontext():
+        plan = transport_plan(cost, None, cols)
+    assert torch.isfinite(plan).all() and (plan >= 0).all()
+    torch.testing.assert_close(plan.sum(2), torch.full((4, 5), 0.2))
+    torch.testing.assert_close(plan.sum(1), cols / cols.sum(1, keepdim=True))
+    clean = cost[0].clone()
+    clean[1, 2] = 0.0  # problem 0's NaN sits on a masked column: the plan of the clean costs
+    torch.testing.assert_close(plan[0], transport_plan(clean[None], None, cols[:1])[0])
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)
@@ -1041,6 +1064,40 @@ def test_auto_mixed_batch_splits_routes_and_keeps_each_problem_aligned(p, m):
 def test_sorted_rows_network_equals_sort(n):
     values = torch.randn(n, 300, generator=torch.Generator().manual_seed(n)).round(decimals=1)
     torch.testing.assert_close(exact_module._sorted_rows(values), values.sort(0).values)
+    for count in range(1, n + 1):  # the partial passes: the `count` smallest, in order (ties)
+        torch.testing.assert_close(exact_module._sorted_rows(values, count),
+                                   values.sort(0).values[:count])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_exclusive_row_sums_equal_cumsum(m, width, seed):
+    """The greedy start's prefix sums (row additions on a CPU) equal cumsum minus the row."""
+    values = torch.randint(0, 9, (m, width), generator=torch.Generator().manual_seed(seed))
+    got = exact_module._exclusive_cumsum_rows(values.float())
+    torch.testing.assert_close(got, (values.cumsum(0) - values).float())
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 8, 9])
+@pytest.mark.parametrize("centered", [False, True])
+def test_plan_gradient_padded_gemm_equals_formula(d, centered, monkeypatch):
+    """The plan gradient (CPU: 1 < D < 8 multiplied through zero-padded columns, in chunks with
+    a ragged last one) equals ``scale (rowsum(P) (a - c) - P (b - c))`` in float64."""
+    from ctxpred.wasserstein import _validate
+
+    monkeypatch.setattr(_validate, "CHUNK_ELEMENTS", 3 * 6 * max(d, 8))  # chunks of 3 or so
+    g = torch.Generator().manual_seed(d)
+    plan = torch.rand(11, 5, 6, generator=g)
+    a, b = torch.randn(11, 5, d, generator=g), torch.randn(11, 6, d, generator=g)
+    mean = torch.randn(11, 1, d, generator=g) if centered else None
+    scale = torch.rand(11, 1, 1, generator=g)
+    with torch.no_grad():
+        got = _validate._plan_gradient(plan, a, b, mean, scale)
+    c = mean.double() if centered else 0.0
+    pd = plan.double()
+    want = scale.double() * (pd.sum(-1, keepdim=True) * (a.double() - c)
+                             - pd @ (b.double() - c))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 9])

@@ -448,75 +448,124 @@ def _argmin_dim(values: Tensor, dim: int, index_f: Tensor) -> tuple[Tensor, Tens
     return low.squeeze(dim), key.amin(dim)
 
 
-def _sorted_rows(values: Tensor) -> Tensor:
-    """``values (n, W)`` sorted along dim 0: on a CPU an odd-even transposition network (``n``
-    rounds of min/max on whole rows) for ``n <= 8``, where it beats ``sort``; ``sort`` above and
-    on accelerators (one kernel instead of ``n (n - 1)`` small ones)."""
+def _sorted_rows(values: Tensor, count: int | None = None) -> Tensor:
+    """The ``count`` (default all ``n``) smallest entries of each column of ``values (n, W)``,
+    in ascending order: ``(count, W)``. On a CPU for ``n <= 8`` by ``count`` bubble passes on
+    whole rows (min/max, no max in the last pass; ``count = n`` is the full bubble sort's
+    ``n (n - 1) / 2`` compare-exchanges), which beats ``sort`` there; ``sort`` above and on
+    accelerators (one kernel instead of many small ones)."""
     n = values.shape[0]
+    count = n if count is None else min(count, n)
     if n > 8 or values.device.type != "cpu":
-        return values.sort(0).values
+        return values.sort(0).values[:count]
     rows = list(values.unbind(0))
-    for step in range(n):
-        for i in range(step % 2, n - 1, 2):
-            rows[i], rows[i + 1] = torch.minimum(rows[i], rows[i + 1]), torch.maximum(
-                rows[i], rows[i + 1])
-    return torch.stack(rows)
+    for lead in range(count):  # pass `lead` bubbles the smallest of rows lead.. up to `lead`
+        for i in range(n - 1, lead, -1):
+            low = torch.minimum(rows[i - 1], rows[i])
+            if lead < count - 1:
+                rows[i] = torch.maximum(rows[i - 1], rows[i])
+            rows[i - 1] = low
+    return torch.stack(rows[:count])
 
 
-def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, source: Tensor,
-             preds: tuple[Tensor, Tensor], sink: Tensor, found: Tensor, early_exit: bool) -> None:
+def _exclusive_cumsum_rows(values: Tensor) -> Tensor:
+    """Sums of the rows above each row of ``values (m, W)`` (whole numbers, so exact): on a CPU
+    by ``m - 1`` row additions (several times faster there than ``cumsum`` along dim 0); else an
+    integer ``cumsum`` (a float one has no deterministic CUDA kernel: it raises under
+    ``torch.use_deterministic_algorithms(True)``)."""
+    if values.device.type != "cpu":
+        return values.to(torch.int32).cumsum(0).to(values.dtype).sub_(values)
+    rows = list(values.unbind(0))
+    out = [torch.zeros_like(rows[0])]
+    for row in rows[:-1]:
+        out.append(out[-1] + row)
+    return torch.stack(out)
+
+
+def _select_last(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(-1, index)`` for a contiguous ``t``, taken on its 2-D view
+    ``(rest, last)``: on CPUs ~5x faster than selecting along the last axis of a 3-D tensor."""
+    return t.view(-1, t.shape[-1]).index_select(1, index).view(*t.shape[:-1], index.numel())
+
+
+def _big_where_none(amount: Tensor, floats: bool) -> Tensor:
+    """``0`` where ``amount`` (whole units, >= 0) is positive, else :data:`_BIG`."""
+    if floats:
+        return amount.clamp_max(1.0).neg_().add_(1.0).mul_(_BIG)
+    return torch.where(amount > 0.5, 0.0, _BIG)
+
+
+def _relax(dist: Tensor, low: Tensor, when: Tensor, sweep: int, floats: bool
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """One side of a Bellman-Ford sweep: where ``low < dist`` (strictly), ``dist`` takes ``low``
+    and ``when`` the ``sweep``; returns ``(dist, when, improved)``. ``floats`` (CPU): in float
+    arithmetic, ``improved`` as 0/1 (``sign(dist - low)^+``) and ``when`` updated in place --
+    bool kernels are several times slower there; else with a bool mask (fewer operations, i.e.
+    kernel launches on accelerators). Finite inputs: the two agree."""
+    if floats:
+        improved = (dist - low).sign_().clamp_min_(0.0)
+        return torch.minimum(dist, low), when.addcmul_(improved, float(sweep) - when), improved
+    improved = low < dist
+    return torch.where(improved, low, dist), torch.where(improved, float(sweep), when), improved
+
+
+def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, preds: tuple[Tensor, Tensor],
+             sink: Tensor, found: Tensor, early_exit: bool) -> None:
     """Push the bottleneck amount along each problem's shortest path ``sink <- row <- column
-    <- ... <- source`` (in place): ``flow (n, m, W)``, ``excess (n, W)``, ``deficit (m, W)``;
-    ``source (n, W)`` bool; ``preds`` the columns' predecessor rows ``(m, W)`` and the rows'
+    <- ... <- source`` (in place): ``flow (n, m, W)``, ``excess (n, W)``, ``deficit (m, W)``
+    (whole units); ``preds`` the columns' predecessor rows ``(m, W)`` and the rows'
     predecessor columns ``(n, W)`` (float indices, as recorded by the sweeps); ``sink (W,)``
-    long; ``found (W,)`` bool.
+    long; ``found (W,)`` 1.0 where a path exists, else 0.0. The path's source is the first row
+    on it with supply left (a source's distance is 0 and never improves: it has no
+    predecessor).
 
     The path is followed backwards from the sink by flat indices, and the flow changes along it
-    are added in one pass.
+    are added in one pass. Float arithmetic only (0/1 factors instead of bool masks, which CPU
+    kernels handle several times slower); a problem off its path (arrived, or none found)
+    keeps following valid indices with a factor of 0.
     """
     n, m, width = flow.shape
-    device, dtype = flow.device, flow.dtype
+    device = flow.device
     wi = torch.arange(width, device=device)
     rows = torch.arange(n, device=device)
     cols = torch.arange(m, device=device)
-    # (nodes never reached point at row/column 0: never on a path; NaN costs: any index)
-    pred_of_col = preds[0].nan_to_num(0.0).long() % n  # (m, W) rows
-    pred_of_row = preds[1].nan_to_num(0.0).long() % m  # (n, W) columns
+    # (nodes never reached point at row/column 0: never on a path)
+    pred_of_col = preds[0].remainder(n).long()  # (m, W) rows
+    pred_of_row = preds[1].remainder(m).long()  # (n, W) columns
     # flat indices, per column (m, W): its predecessor row's in (n, W) and that arc's in
     # (n, m, W); per row (n, W): its predecessor column's in (m, W) and that arc's
-    col_to_row = pred_of_col * width + wi
-    col_to_arc = (pred_of_col * m + cols.unsqueeze(1)) * width + wi
-    row_to_col = pred_of_row * width + wi
-    row_to_arc = (rows.unsqueeze(1) * m + pred_of_row) * width + wi
-    col_to_row, col_to_arc = col_to_row.view(-1), col_to_arc.view(-1)
-    row_to_col, row_to_arc = row_to_col.view(-1), row_to_arc.view(-1)
-    flat_f, flat_e, flat_s = flow.view(-1), excess.view(-1), source.reshape(-1)
+    col_to_row = (pred_of_col * width + wi).view(-1)
+    col_to_arc = ((pred_of_col * m + cols.unsqueeze(1)) * width + wi).view(-1)
+    row_to_col = (pred_of_row * width + wi).view(-1)
+    row_to_arc = ((rows.unsqueeze(1) * m + pred_of_row) * width + wi).view(-1)
+    flat_f, flat_e = flow.view(-1), excess.view(-1)
     at_col = sink * width + wi
-    delta = torch.where(found, deficit.view(-1).take(at_col), 0.0)
     going = found
-    arrived = torch.zeros_like(found)
+    delta = deficit.view(-1).take(at_col) * going
+    arrived = torch.zeros_like(going)
     forward, backward, on_path, at_sources, visited_rows = [], [], [], [], []
     for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
         at_row = col_to_row.take(at_col)
-        at_source = going & flat_s.take(at_row)
-        delta = torch.where(at_source, torch.minimum(delta, flat_e.take(at_row)), delta)
-        arrived = arrived | at_source
-        onward = going & ~at_source
+        supply = flat_e.take(at_row)
+        at_source = supply.clamp_max(1.0).mul_(going)
+        delta = delta - (delta - supply).clamp_min_(0.0).mul_(at_source)  # min where at source
+        arrived = arrived + at_source
+        onward = going - at_source
         back_arc = row_to_arc.take(at_row)
-        delta = torch.where(onward, torch.minimum(delta, flat_f.take(back_arc)), delta)
+        delta = delta - (delta - flat_f.take(back_arc)).clamp_min_(0.0).mul_(onward)
         forward.append(col_to_arc.take(at_col))
         backward.append(back_arc)
         on_path.append(going)
         at_sources.append(at_source)
         visited_rows.append(at_row)
-        at_col = torch.where(onward, row_to_col.take(at_row), at_col)
+        at_col = row_to_col.take(at_row)
         going = onward
-        if early_exit and not bool(going.any()):
+        if early_exit and not bool(going.amax() > 0.0):
             break
-    delta = torch.where(arrived, delta, 0.0)
+    delta = delta * arrived
     deficit.view(-1).index_add_(0, sink * width + wi, -delta)
-    on = torch.stack(on_path).to(dtype)
-    at_src = torch.stack(at_sources).to(dtype)
+    on = torch.stack(on_path)
+    at_src = torch.stack(at_sources)
     flat_f.index_add_(0, torch.stack(forward).view(-1), (on * delta).view(-1))
     flat_f.index_add_(0, torch.stack(backward).view(-1), ((at_src - on) * delta).view(-1))
     flat_e.index_add_(0, torch.stack(visited_rows).view(-1), (at_src * delta).neg_().view(-1))
@@ -615,7 +664,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     changes, rounds when no problem has supply left, and finished problems leave the work.
 
     Args:
-        cost: ``(B, n, m)`` finite costs, far below ``1e30`` in magnitude.
+        cost: ``(B, n, m)`` finite costs, far below ``1e30`` in magnitude (non-finite ones
+            are read as 0: the plan stays feasible but means nothing for them).
         row_valid: ``(B, n)`` bool, rows carrying mass (default all).
         col_valid: ``(B, m)`` bool, columns carrying mass (default all).
 
@@ -641,6 +691,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     if n == 0 or m == 0 or bsz == 0:
         return cost.new_zeros(bsz, n, m)
     early_exit = host_checks_free(device)
+    floats = device.type == "cpu"  # the rounds' masks as 0/1 floats (see _relax)
     n_a, n_b = row_valid.sum(1), col_valid.sum(1)
     gcd = torch.gcd(n_a, n_b).clamp_min(1)
     total = (n_a * (n_b // gcd)).to(dtype).clamp_min(1.0)
@@ -649,7 +700,11 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     row_f = row_valid.t().to(dtype).contiguous()
     col_f = col_valid.t().to(dtype).contiguous()
     masked_arc = ((1.0 - row_f).unsqueeze(1) + (1.0 - col_f).unsqueeze(0)).clamp_max_(1.0)
-    cst = torch.addcmul(cost.permute(1, 2, 0), masked_arc, cost.new_tensor(big)).contiguous()
+    # Non-finite costs (check_finite=False with a NaN target point) are read as 0: the
+    # float-only loop stays finite (a NaN never becomes an index) and the plan feasible; the
+    # caller's value, computed from the original costs, is NaN all the same.
+    cst = torch.addcmul(cost.permute(1, 2, 0).nan_to_num(0.0, 0.0, 0.0), masked_arc,
+                        cost.new_tensor(big)).contiguous()
     excess = row_f * (n_b // gcd).to(dtype)  # supply left per row
     deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
     flow = cost.new_zeros(n, m, bsz)
@@ -665,14 +720,26 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     # rows with a single one, then of all, rows in order.
     v = torch.where(col_f > 0.5, cst.amin(0), 0.0)
     kth = (torch.div(n_a + n_b - 1, n_b.clamp_min(1), rounding_mode="floor") - 1).clamp(0, n - 1)
+    # the order statistics needed: up to the largest k (free to read on a CPU), else all
+    ranks = int(kth.max()) + 1 if early_exit else n
     shifted = cst - v.unsqueeze(0)  # C_il - v_l
     for _ in range(_ASCENT_SWEEPS):
+        # min_{l != j} (C_il - v_l) = min(prefix over l < j, updated in this sweep; suffix
+        # over l > j, from before it): two row minima per column instead of an (n, m, B) one
+        suffix = [shifted[:, m - 1]]
+        for j in range(m - 2, 0, -1):
+            suffix.append(torch.minimum(suffix[-1], shifted[:, j]))
+        suffix.reverse()  # suffix[j - 1] = min over l >= j, for j = 1..m-1
+        prefix = None
         for j in range(m):
-            shifted[:, j] = big
-            gap = cst[:, j] - shifted.amin(1)  # (n, B)
-            best = _sorted_rows(gap).gather(0, kth.unsqueeze(0)).squeeze(0)
+            parts = [t for t in (prefix, suffix[j] if j < m - 1 else None) if t is not None]
+            others = (torch.minimum(*parts) if len(parts) == 2 else parts[0]) if parts else (
+                torch.full_like(cst[:, j], big))
+            gap = cst[:, j] - others  # (n, B)
+            best = _sorted_rows(gap, ranks).gather(0, kth.unsqueeze(0)).squeeze(0)
             v[j] = torch.where(col_f[j] > 0.5, best, 0.0)
             shifted[:, j] = cst[:, j] - v[j]
+            prefix = shifted[:, j] if prefix is None else torch.minimum(prefix, shifted[:, j])
     u = torch.where(row_f > 0.5, shifted.amin(1), 0.0)
     # reduced costs C_ij - u_i - v_j >= 0: from here on only they, not C, u, v, are kept
     reduced = shifted.sub_(u.unsqueeze(1))
@@ -684,9 +751,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     for arcs in (only, tight):  # those rows first: a row with ties can still split later
         for i in range(n):  # row i fills its tight columns in order: a prefix sum per problem
             room = deficit * arcs[i]  # (m, B), whole units
-            # an integer cumsum: a float one has no deterministic CUDA kernel (it raises under
-            # torch.use_deterministic_algorithms(True))
-            before = room.to(torch.int32).cumsum(0).to(dtype).sub_(room)
+            before = _exclusive_cumsum_rows(room)
             amount = torch.minimum((excess[i] - before).clamp_min_(0.0), room)
             flow[i] += amount
             excess[i] -= amount.sum(0)
@@ -694,9 +759,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
 
     # Rounds of successive shortest paths. Working set (CPU): the problems still moving flow;
     # a finished problem's flow is stored and it leaves the work (its duals are not needed).
-    # The bound holds on every device: the CPU's early exit stops sooner, and a non-finite cost
-    # (check_finite=False with a NaN target) can never keep the loop running (NaN propagates
-    # into the value through the plan-cost product).
+    # The bound holds on every device (the CPU's early exit stops sooner).
     rounds = flow_augmentation_bound(n, m)
     # CUDA, eagerly: the fixed schedule still stops a few rounds after every problem is done
     # (polled, never waiting); typical batches need far fewer rounds than the bound
@@ -710,31 +773,30 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     while done_rounds < rounds:
         done_rounds += 1
         r, f, e, d = work
-        src = e > 0.5
         if early_exit:
-            active = src.any(0)
+            active = e.amax(0) > 0.5  # supply left (amounts are whole units)
             n_active = int(active.sum())
             width = active.shape[0]
             if n_active < _COMPACT_AT * width or n_active == 0:
                 finished = (~active).nonzero().squeeze(1)
                 flow.index_copy_(2, finished if pid is None else pid[finished],
-                                 f.index_select(2, finished))
+                                 _select_last(f, finished))
                 if n_active == 0:
                     pid = None
                     break
                 keep = active.nonzero().squeeze(1)
                 pid = keep if pid is None else pid[keep]
-                work = [t.index_select(t.dim() - 1, keep) for t in work]
+                work = [_select_last(t, keep) for t in work]
                 r, f, e, d = work
-                src = src.index_select(1, keep)
         width = r.shape[-1]
         # Multi-source shortest paths (Bellman-Ford, all nodes at once) on the reduced costs:
         # rows with supply left start at 0; row -> column arcs always exist, column -> row arcs
         # where flow > 0 (tight, so of length 0). Predecessors change only on strict
-        # improvement: no cycles.
-        back = torch.where(f > 0.5, 0.0, big)
-        sink_pen = torch.where(d > 0.5, 0.0, big)
-        d_row = torch.where(src, 0.0, big)
+        # improvement: no cycles. On a CPU in float arithmetic (`floats`: bool kernels are
+        # several times slower there), elsewhere with bool masks (fewer operations: launches).
+        back = _big_where_none(f, floats)  # 0 where flow runs (a back arc), else big
+        sink_pen = _big_where_none(d, floats)  # 0 at columns with demand left
+        d_row = _big_where_none(e, floats)  # 0 at rows with supply left
         d_col = cost.new_full((m, width), big)
         # Predecessors: a node's is the first neighbour that attained its distance at the sweep
         # of its last (strict) improvement -- what recording them during the sweeps would give,
@@ -750,16 +812,17 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         for t in range(steps):
             seen_rows.append(d_row)
             low = (d_row.unsqueeze(1) + r).amin(0)
-            better = low < d_col
-            d_col = torch.where(better, low, d_col)
-            when_col = torch.where(better, float(t), when_col)
+            d_col, when_col, _ = _relax(d_col, low, when_col, t, floats)
             seen_cols.append(d_col)
             reach = (d_col + sink_pen).amin(0)  # distance of the nearest column with demand
             low = (d_col.unsqueeze(0) + back).amin(1)
-            better = (low < d_row) & (low < reach)  # nodes beyond the sink do not matter
-            d_row = torch.where(better, low, d_row)
-            when_row = torch.where(better, float(t), when_row)
-            if early_exit and not bool(better.any()):
+            # nodes at or beyond the sink do not matter: moved out of reach (to big or past it)
+            if floats:
+                low.add_((low - reach).sign_().add_(1.0).clamp_max_(1.0).mul_(big))
+            else:
+                low = torch.where(low < reach, low, big)
+            d_row, when_row, better = _relax(d_row, low, when_row, t, floats)
+            if early_exit and not bool(better.amax() > 0.0):
                 break
         # the same float sums as at those sweeps, each >= the node's distance: sign() is 0
         # exactly where a neighbour attains it
@@ -771,19 +834,19 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         pred_row = torch.add(cols_f3, torch.sign(then + back - d_row.unsqueeze(1)),
                              alpha=m).amin(1)
         reach, sink = _argmin_dim(d_col + sink_pen, 0, cols_f)
-        found = reach < 0.5 * big
-        _augment(f, e, d, src, (pred_col, pred_row), sink.long(), found, early_exit)
+        found = (0.5 * big - reach).sign_().clamp_min_(0.0)  # 1.0 where a sink is reached
+        _augment(f, e, d, (pred_col, pred_row), sink.long(), found, early_exit)
         # Duals: every node moves by (sink distance - its distance)^+ (u_i up, v_j down), so
         # the reduced cost of arc ij changes by shift_j - shift_i: arcs stay >= 0 and the
         # shortest path to the sink becomes tight.
-        shift_row = torch.where(found, (reach - d_row).clamp_min_(0.0), 0.0)
-        shift_col = torch.where(found, (reach - d_col).clamp_min_(0.0), 0.0)
+        shift_row = (reach - d_row).clamp_min_(0.0).mul_(found)
+        shift_col = (reach - d_col).clamp_min_(0.0).mul_(found)
         r.add_(shift_col.unsqueeze(0)).sub_(shift_row.unsqueeze(1)).clamp_min_(0.0)
         if stop is not None:
             stop.post((e > 0.5).any())
             if stop.done():
                 break
-    if pid is not None:  # CPU, stopped by the bound (non-finite costs): store the working set
+    if pid is not None:  # CPU, stopped by the bound (never, with finite costs): store the work
         flow.index_copy_(2, pid, work[1])
     return (flow / total).permute(2, 0, 1)
 
