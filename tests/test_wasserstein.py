@@ -725,9 +725,11 @@ def pot_plan(x, y, a, b, p=2):
 
 @contextlib.contextmanager
 def fixed_schedule():
-    """Run the solvers as on an accelerator: fixed, data-independent loops, no host reads."""
+    """Run the solvers as on an accelerator: fixed, data-independent loops, no host reads, the
+    flow's masks as bools."""
     mp = pytest.MonkeyPatch()
     mp.setattr(exact_module, "host_checks_free", lambda device: False)
+    mp.setattr(exact_module, "_float_masks", lambda device: False)
     try:
         yield
     finally:
