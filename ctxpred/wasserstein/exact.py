@@ -525,10 +525,11 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, preds: tuple[Tensor,
     on it with supply left (a source's distance is 0 and never improves: it has no
     predecessor).
 
-    The path is followed backwards from the sink by flat indices, and the flow changes along it
-    are added in one pass. Float arithmetic only (0/1 factors instead of bool masks, which CPU
-    kernels handle several times slower); a problem off its path (arrived, or none found)
-    keeps following valid indices with a factor of 0.
+    The path is followed backwards from the sink by flat indices (a few operations per step:
+    on a CPU, where the tail rounds have few problems, their count is the cost), then its
+    bottleneck is taken over all steps at once and the flow changes along it are added in one
+    pass. A problem off its path (arrived, or none found) keeps following valid indices with a
+    factor of 0.
     """
     n, m, width = flow.shape
     device = flow.device
@@ -545,36 +546,34 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, preds: tuple[Tensor,
     row_to_col = (pred_of_row * width + wi).view(-1)
     row_to_arc = ((rows.unsqueeze(1) * m + pred_of_row) * width + wi).view(-1)
     flat_f, flat_e = flow.view(-1), excess.view(-1)
-    at_col = sink * width + wi
-    going = found
-    delta = deficit.view(-1).take(at_col) * going
-    arrived = torch.zeros_like(going)
+    at_sink = sink * width + wi
+    at_col, going = at_sink, found
+    # follow the path (indices only); the bottleneck is taken afterwards, over all its steps
     forward, backward, on_path, at_sources, visited_rows = [], [], [], [], []
     for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
         at_row = col_to_row.take(at_col)
-        supply = flat_e.take(at_row)
-        at_source = supply.clamp_max(1.0).mul_(going)
-        delta = delta - (delta - supply).clamp_min_(0.0).mul_(at_source)  # min where at source
-        arrived = arrived + at_source
-        onward = going - at_source
-        back_arc = row_to_arc.take(at_row)
-        delta = delta - (delta - flat_f.take(back_arc)).clamp_min_(0.0).mul_(onward)
+        at_source = flat_e.take(at_row).clamp_max_(1.0).mul_(going)  # supply left: the source
         forward.append(col_to_arc.take(at_col))
-        backward.append(back_arc)
+        backward.append(row_to_arc.take(at_row))
         on_path.append(going)
         at_sources.append(at_source)
         visited_rows.append(at_row)
-        at_col = row_to_col.take(at_row)
-        going = onward
+        going = going - at_source
         if early_exit and not bool(going.amax() > 0.0):
             break
-    delta = delta * arrived
-    deficit.view(-1).index_add_(0, sink * width + wi, -delta)
-    on = torch.stack(on_path)
-    at_src = torch.stack(at_sources)
+        at_col = row_to_col.take(at_row)
+    on = torch.stack(on_path)  # (L, W): 1 while the step is on the path
+    at_src = torch.stack(at_sources)  # 1 at the step that reached the source
+    back_idx, row_idx = torch.stack(backward), torch.stack(visited_rows)
+    # bottleneck: the sink's demand, the flow on each back arc the path takes (steps on it
+    # past which it goes on), the source's supply
+    limit = torch.minimum(torch.where(on - at_src > 0.5, flat_f.take(back_idx), _BIG),
+                          torch.where(at_src > 0.5, flat_e.take(row_idx), _BIG)).amin(0)
+    delta = torch.minimum(deficit.view(-1).take(at_sink), limit).mul_(at_src.sum(0))
+    deficit.view(-1).index_add_(0, at_sink, -delta)
     flat_f.index_add_(0, torch.stack(forward).view(-1), (on * delta).view(-1))
-    flat_f.index_add_(0, torch.stack(backward).view(-1), ((at_src - on) * delta).view(-1))
-    flat_e.index_add_(0, torch.stack(visited_rows).view(-1), (at_src * delta).neg_().view(-1))
+    flat_f.index_add_(0, back_idx.view(-1), ((at_src - on) * delta).view(-1))
+    flat_e.index_add_(0, row_idx.view(-1), (at_src * delta).neg_().view(-1))
 
 
 def flow_augmentation_bound(n: int, m: int) -> int:
@@ -943,8 +942,9 @@ def _subset(prep: Prepared, index: Tensor) -> Prepared:
 def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Tensor:
     """Per problem (host-side routing, for when reading the flags costs nothing): the assignment
     solver for equal uniform supports, the device flow solver for unequal uniform ones, POT for
-    general weights. Only the ``(B, N, M)`` costs are split between the solvers; the value and
-    its gradient come from one plan for all problems (no copy of the points per group)."""
+    general weights. Each group is solved as a batch of its own (its own cost matrices, value
+    and gradient, e.g. the assignment's matched-pair value) and the values are put back in
+    order."""
     device = prep.x.device
     groups = [
         (chosen.nonzero().squeeze(1).to(device), solve)
@@ -954,20 +954,10 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
     for index, solve in groups:
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
-    x, y, a, b = prep.x, prep.y, prep.a, prep.b
-    mean = _center_of(y, b)
-    with torch.no_grad():
-        cost = _centered_cost(x.detach(), y.detach(), mean, p)
-        plan = torch.zeros_like(cost)
-        (assign, _), (flow, _), (general, _) = groups
-        if assign.numel():
-            plan[assign] = _assignment_plan(cost[assign], a[assign], b[assign])
-        if flow.numel():
-            plan[flow] = _uniform_plan(cost[flow], x.detach(), y.detach(), a[flow] > 0,
-                                       b[flow] > 0, flow)
-        if general.numel():
-            plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
-    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
+    parts = [(index, solve(_subset(prep, index), p)) for index, solve in groups if index.numel()]
+    index = torch.cat([i for i, _ in parts])
+    values = torch.cat([v for _, v in parts])
+    return values.new_zeros(prep.x.shape[0]).index_copy(0, index, values)
 
 
 def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
