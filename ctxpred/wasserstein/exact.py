@@ -534,17 +534,15 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, preds: tuple[Tensor,
     n, m, width = flow.shape
     device = flow.device
     wi = torch.arange(width, device=device)
-    rows = torch.arange(n, device=device)
-    cols = torch.arange(m, device=device)
     # (nodes never reached point at row/column 0: never on a path)
     pred_of_col = preds[0].remainder(n).long()  # (m, W) rows
     pred_of_row = preds[1].remainder(m).long()  # (n, W) columns
-    # flat indices, per column (m, W): its predecessor row's in (n, W) and that arc's in
-    # (n, m, W); per row (n, W): its predecessor column's in (m, W) and that arc's
+    # flat indices: per column (m, W) its predecessor row's in (n, W), per row (n, W) its
+    # predecessor column's in (m, W); the arc of row index r = i W + w and column index
+    # c = j W + w in (n, m, W) is (i m + j) W + w = r m + c - w m
     col_to_row = (pred_of_col * width + wi).view(-1)
-    col_to_arc = ((pred_of_col * m + cols.unsqueeze(1)) * width + wi).view(-1)
     row_to_col = (pred_of_row * width + wi).view(-1)
-    row_to_arc = ((rows.unsqueeze(1) * m + pred_of_row) * width + wi).view(-1)
+    wm = wi * m
     flat_f, flat_e = flow.view(-1), excess.view(-1)
     at_sink = sink * width + wi
     at_col, going = at_sink, found
@@ -553,15 +551,16 @@ def _augment(flow: Tensor, excess: Tensor, deficit: Tensor, preds: tuple[Tensor,
     for _ in range(min(n, m)):  # a path holds at most min(n, m) rows
         at_row = col_to_row.take(at_col)
         at_source = flat_e.take(at_row).clamp_max_(1.0).mul_(going)  # supply left: the source
-        forward.append(col_to_arc.take(at_col))
-        backward.append(row_to_arc.take(at_row))
+        next_col = row_to_col.take(at_row)  # (at the source: any column, weighted 0)
+        forward.append(torch.add(at_col - wm, at_row, alpha=m))
+        backward.append(torch.add(next_col - wm, at_row, alpha=m))
         on_path.append(going)
         at_sources.append(at_source)
         visited_rows.append(at_row)
         going = going - at_source
         if early_exit and not bool(going.amax() > 0.0):
             break
-        at_col = row_to_col.take(at_row)
+        at_col = next_col
     on = torch.stack(on_path)  # (L, W): 1 while the step is on the path
     at_src = torch.stack(at_sources)  # 1 at the step that reached the source
     back_idx, row_idx = torch.stack(backward), torch.stack(visited_rows)
@@ -814,13 +813,14 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         # computed from, the columns' distances the rows were computed from
         when_col = cost.new_zeros(m, width)  # sweep of the last improvement
         when_row = cost.new_zeros(n, width)
+        scratch = torch.empty_like(r)  # the sweeps' (n, m, W) sums, one buffer for all
         for t in range(steps):
             seen_rows.append(d_row)
-            low = (d_row.unsqueeze(1) + r).amin(0)
+            low = torch.add(d_row.unsqueeze(1), r, out=scratch).amin(0)
             d_col, when_col, _ = _relax(d_col, low, when_col, t, floats)
             seen_cols.append(d_col)
             reach = (d_col + sink_pen).amin(0)  # distance of the nearest column with demand
-            low = (d_col.unsqueeze(0) + back).amin(1)
+            low = torch.add(d_col.unsqueeze(0), back, out=scratch).amin(1)
             # nodes at or beyond the sink do not matter: moved out of reach (to big or past it)
             if floats:
                 low.add_((low - reach).sign_().add_(1.0).clamp_max_(1.0).mul_(big))
@@ -830,14 +830,14 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
             if early_exit and not bool(better.amax() > 0.0):
                 break
         # the same float sums as at those sweeps, each >= the node's distance: sign() is 0
-        # exactly where a neighbour attains it
+        # exactly where a neighbour attains it (in place on the gathered copies: no more
+        # full-size temporaries)
         then = torch.stack(seen_rows, 1).gather(  # (n, m, W): d_row at column j's sweep
             1, when_col.long().unsqueeze(0).expand(n, m, width))
-        pred_col = torch.add(rows_f3, torch.sign(then + r - d_col), alpha=n).amin(0)
+        pred_col = then.add_(r).sub_(d_col).sign_().mul_(n).add_(rows_f3).amin(0)
         then = torch.stack(seen_cols, 0).gather(  # (n, m, W): d_col at row i's sweep
             0, when_row.long().unsqueeze(1).expand(n, m, width))
-        pred_row = torch.add(cols_f3, torch.sign(then + back - d_row.unsqueeze(1)),
-                             alpha=m).amin(1)
+        pred_row = then.add_(back).sub_(d_row.unsqueeze(1)).sign_().mul_(m).add_(cols_f3).amin(1)
         reach, sink = _argmin_dim(d_col + sink_pen, 0, cols_f)
         found = (0.5 * big - reach).sign_().clamp_min_(0.0)  # 1.0 where a sink is reached
         _augment(f, e, d, (pred_col, pred_row), sink.long(), found, early_exit)
