@@ -707,8 +707,8 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     # Non-finite costs (check_finite=False with a NaN target point) are read as 0: the
     # float-only loop stays finite (a NaN never becomes an index) and the plan feasible; the
     # caller's value, computed from the original costs, is NaN all the same.
-    cst = torch.addcmul(cost.permute(1, 2, 0).nan_to_num(0.0, 0.0, 0.0), masked_arc,
-                        cost.new_tensor(big)).contiguous()
+    cst = cost.permute(1, 2, 0).contiguous().nan_to_num_(0.0, 0.0, 0.0)
+    cst.addcmul_(masked_arc, cost.new_tensor(big))
     excess = row_f * (n_b // gcd).to(dtype)  # supply left per row
     deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
     flow = cost.new_zeros(n, m, bsz)
