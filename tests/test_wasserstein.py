@@ -1032,14 +1032,16 @@ def test_auto_routes_general_weights_to_pot_or_asserts_without_sync():
 
 @pytest.mark.parametrize("p", [1, 2])
 @pytest.mark.parametrize("m", [6, 7])
-def test_auto_mixed_batch_splits_routes_and_keeps_each_problem_aligned(p, m):
+@pytest.mark.parametrize("d", [3, 9])
+def test_auto_mixed_batch_splits_routes_and_keeps_each_problem_aligned(p, m, d):
     """One call with every route -- equal uniform supports (assignment), unequal ones (flow),
     general weights (POT), an empty problem -- and N != M: each problem's value and gradient are
-    POT's for that problem (a misaligned plan or point subset would swap them)."""
+    POT's for that problem (a misaligned plan or point subset would swap them). D = 3: each
+    group solved on its own points; D = 9 > max(N, M): one plan for all."""
     g = torch.Generator().manual_seed(21)
     scale = torch.arange(1.0, 9.0, dtype=torch.float64)[:, None, None]
-    x = torch.randn(8, 6, 3, generator=g, dtype=torch.float64) * scale
-    y = torch.randn(8, m, 3, generator=g, dtype=torch.float64) + 5.0
+    x = torch.randn(8, 6, d, generator=g, dtype=torch.float64) * scale
+    y = torch.randn(8, m, d, generator=g, dtype=torch.float64) + 5.0
     a = torch.ones(8, 6, dtype=torch.float64)
     b = torch.ones(8, m, dtype=torch.float64)
     b[0, 6:] = 0.0  # 6 vs 6: assignment

@@ -942,9 +942,15 @@ def _subset(prep: Prepared, index: Tensor) -> Prepared:
 def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Tensor:
     """Per problem (host-side routing, for when reading the flags costs nothing): the assignment
     solver for equal uniform supports, the device flow solver for unequal uniform ones, POT for
-    general weights. Each group is solved as a batch of its own (its own cost matrices, value
-    and gradient, e.g. the assignment's matched-pair value) and the values are put back in
-    order."""
+    general weights.
+
+    Points with few coordinates (``D <= max(N, M)``: a problem's points take no more room than
+    its cost matrix): each group is solved as a batch of its own (its own costs, value and
+    gradient, e.g. the assignment's matched-pair value) and the values put back in order. More
+    coordinates: copying each group's points would cost more than it saves, so only the
+    ``(B, N, M)`` costs are split between the solvers and the value and its gradient come from
+    one plan for all problems.
+    """
     device = prep.x.device
     groups = [
         (chosen.nonzero().squeeze(1).to(device), solve)
@@ -954,10 +960,26 @@ def _solve_mixed(prep: Prepared, p: float, uniform: Tensor, equal: Tensor) -> Te
     for index, solve in groups:
         if index.numel() == prep.x.shape[0]:
             return solve(prep, p)
-    parts = [(index, solve(_subset(prep, index), p)) for index, solve in groups if index.numel()]
-    index = torch.cat([i for i, _ in parts])
-    values = torch.cat([v for _, v in parts])
-    return values.new_zeros(prep.x.shape[0]).index_copy(0, index, values)
+    x, y, a, b = prep.x, prep.y, prep.a, prep.b
+    if x.shape[-1] <= max(x.shape[-2], y.shape[-2]):
+        parts = [(index, solve(_subset(prep, index), p)) for index, solve in groups
+                 if index.numel()]
+        order = torch.cat([i for i, _ in parts])
+        values = torch.cat([v for _, v in parts])
+        return values.new_zeros(x.shape[0]).index_copy(0, order, values)
+    mean = _center_of(y, b)
+    with torch.no_grad():
+        cost = _centered_cost(x.detach(), y.detach(), mean, p)
+        plan = torch.zeros_like(cost)
+        (assign, _), (flow, _), (general, _) = groups
+        if assign.numel():
+            plan[assign] = _assignment_plan(cost[assign], a[assign], b[assign])
+        if flow.numel():
+            plan[flow] = _uniform_plan(cost[flow], x.detach(), y.detach(), a[flow] > 0,
+                                       b[flow] > 0, flow)
+        if general.numel():
+            plan[general] = _pot_plans(_subset(prep, general), p).to(cost.dtype)
+    return plan_cost(plan, x, y, p, cost if p == 2 else None, mean)
 
 
 def _assignment_plan(cost: Tensor, a: Tensor, b: Tensor) -> Tensor:
