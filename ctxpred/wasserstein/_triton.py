@@ -3,7 +3,7 @@ r"""Exact small transport problems in one fused Triton kernel: one program per p
 The device solvers of :mod:`ctxpred.wasserstein.exact` run *batched tensor operations*: every
 step of their schedule is a handful of PyTorch operations over all problems, so on a GPU their
 cost is kernel launches (``docs/results/launches.md``: ~270 operations for an unmasked 8x8
-assignment, ~4k for the masked min-cost flow in eager mode). This module runs the whole solve
+assignment, ~3.6k for the masked min-cost flow in eager mode). This module runs the whole solve
 of a problem inside one program of one kernel instead: the ``(n, m)`` costs, duals and flow
 live in registers, and the schedule is data-dependent per problem (a program stops when its
 problem is solved) at no host cost.
