@@ -331,11 +331,8 @@ def _plan_gradient(plan: Tensor, a: Tensor, b: Tensor, mean: Tensor | None,
             pa = pa - mean[i : i + chunk]
             if pad == d:
                 pb = pb - mean[i : i + chunk]
-        if pad != d:
-            if mean is None:
-                padded_b[:k, :, :d] = pb
-            else:
-                torch.sub(pb, mean[i : i + chunk], out=padded_b[:k, :, :d])
+        if pad != d:  # (an assignment, not out=: torch.compile takes no non-contiguous out=)
+            padded_b[:k, :, :d] = pb if mean is None else pb - mean[i : i + chunk]
             o = out[i : i + chunk].copy_(torch.bmm(part, padded_b[:k], out=product[:k])[..., :d])
         else:
             o = torch.bmm(part, pb, out=out[i : i + chunk])

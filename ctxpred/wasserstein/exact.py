@@ -707,8 +707,10 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     # Non-finite costs (check_finite=False with a NaN target point) are read as 0: the
     # float-only loop stays finite (a NaN never becomes an index) and the plan feasible; the
     # caller's value, computed from the original costs, is NaN all the same.
-    cst = cost.permute(1, 2, 0).contiguous().nan_to_num_(0.0, 0.0, 0.0)
-    cst.addcmul_(masked_arc, cost.new_tensor(big))
+    # (a copy always: with B = 1 the permuted view is contiguous already, and `.contiguous()`
+    # would hand back the caller's own memory to the in-place edits below)
+    cst = cost.permute(1, 2, 0).clone(memory_format=torch.contiguous_format)
+    cst.nan_to_num_(0.0, 0.0, 0.0).addcmul_(masked_arc, cost.new_tensor(big))
     excess = row_f * (n_b // gcd).to(dtype)  # supply left per row
     deficit = col_f * (n_a // gcd).to(dtype)  # demand left per column
     flow = cost.new_zeros(n, m, bsz)
