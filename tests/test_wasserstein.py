@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -586,6 +587,34 @@ def test_unchecked_non_finite_target_gives_non_finite_value(method, n, d, masked
     got = wasserstein(x, y, None, b, method=method, **opts)
     assert not torch.isfinite(got[[1, 2, 4]]).any()
     torch.testing.assert_close(got[[0, 3, 5]], clean[[0, 3, 5]])
+
+
+@pytest.mark.parametrize("p", [1, 3])
+@pytest.mark.parametrize("solver", ["flow", "assignment", "transport"])
+def test_unchecked_nan_point_at_p_not_2_gives_nan(p, solver):
+    """p != 2: the cost |d|^p guarded its gradient at d = 0 with a test `|d|^2 > 0`, False for
+    NaN, so a NaN point's costs became 0 and its problem's value finite (0.0 on the POT path)."""
+    g = torch.Generator().manual_seed(p)
+    m = 4 if solver == "assignment" else 3
+    x, y = torch.randn(2, 4, 2, generator=g), torch.randn(2, m, 2, generator=g)
+    x[0, 1, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT: "problem infeasible" on NaN costs
+        value = exact_wasserstein(x, y, p=p, solver=solver, check_finite=False)
+    assert torch.isnan(value[0]) and torch.isfinite(value[1])
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sliced", "pot"])
+def test_unchecked_nan_point_at_p_3_gives_nan_for_every_estimator(method):
+    """The same guard (`> 0` turning NaN into 0) in the sliced estimator's |d|^p and in the POT
+    adapter's cost: NaN in, NaN out."""
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(2, 4, 2, generator=g), torch.randn(2, 3, 2, generator=g)
+    x[0, 1, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = wasserstein(x, y, method=method, p=3, check_finite=False)
+    assert torch.isnan(value[0]) and torch.isfinite(value[1])
 
 
 @pytest.mark.parametrize("solver", ["flow", "assignment"])

@@ -202,9 +202,15 @@ def segment_cost(diff: Tensor, p: float) -> Tensor:
     sq = diff.pow(2).sum(-1)
     if p == 2:
         return sq
-    positive = sq > 0
-    safe = torch.where(positive, sq, torch.ones_like(sq))
-    return torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(sq))
+    return _safe_power(sq, p)
+
+
+def _safe_power(sq: Tensor, p: float) -> Tensor:
+    """:math:`sq^{p/2}` with gradient 0 (not NaN) at ``sq = 0``; NaN stays NaN (a test on
+    ``sq > 0`` would have turned a NaN point's cost into 0, a finite wrong value)."""
+    zero = sq == 0
+    safe = torch.where(zero, torch.ones_like(sq), sq)
+    return torch.where(zero, torch.zeros_like(sq), safe.pow(p / 2.0))
 
 
 def _zero_value(x: Tensor, y: Tensor) -> Tensor:
@@ -285,11 +291,7 @@ def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None 
         return _PlanSquaredCost.apply(plan, cost, x, y, mean)
     if mean is not None:
         x, y = x - mean, y - mean
-    sq = pairwise_cost(x, y, 2.0)
-    positive = sq > 0
-    safe = torch.where(positive, sq, torch.ones_like(sq))
-    powered = torch.where(positive, safe.pow(p / 2.0), torch.zeros_like(sq))
-    return (plan * powered).sum((-1, -2))
+    return (plan * _safe_power(pairwise_cost(x, y, 2.0), p)).sum((-1, -2))
 
 
 CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)

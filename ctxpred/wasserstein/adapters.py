@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctxpred.wasserstein._validate import prepare, restore
+from ctxpred.wasserstein._validate import _safe_power, prepare, restore
 
 __all__ = ["geomloss_wasserstein", "pot_wasserstein"]
 
@@ -78,12 +78,15 @@ def pot_wasserstein(
             continue
         diff = prep.x[k].unsqueeze(1) - prep.y[k].unsqueeze(0)
         sq = diff.pow(2).sum(-1)
-        cost = sq if p == 2 else torch.where(sq > 0, sq.clamp_min(1e-30).pow(p / 2.0), 0.0)
+        cost = sq if p == 2 else _safe_power(sq, p)
         a, b = prep.a[k], prep.b[k]
+        # POT answers NaN costs with a finite value (and an "infeasible" warning): NaN instead,
+        # as the batched estimators give (0 * cost is 0 for finite costs, NaN otherwise)
+        poison = cost.sum() * 0.0
         if reg is None:
-            values.append(ot.emd2(a, b, cost))
+            values.append(ot.emd2(a, b, cost) + poison)
         else:
-            values.append(ot.sinkhorn2(a, b, cost, reg))
+            values.append(ot.sinkhorn2(a, b, cost, reg) + poison)
     stacked = torch.stack(values) if values else prep.x.new_zeros(0)
     return restore(stacked.to(prep.x.dtype), prep)
 

@@ -75,8 +75,8 @@ def _power(diff: Tensor, p: float) -> Tensor:
     if p == 1:
         return diff.abs()
     mag = diff.abs()
-    positive = mag > 0
-    return torch.where(positive, torch.where(positive, mag, 1.0).pow(p), torch.zeros_like(mag))
+    zero = mag == 0  # (not `mag > 0`: NaN must stay NaN)
+    return torch.where(zero, torch.zeros_like(mag), torch.where(zero, 1.0, mag).pow(p))
 
 
 def sliced_wasserstein(
