@@ -287,6 +287,32 @@ def test_transport_plan_reads_non_finite_costs_as_zero(accelerator_schedule):
     torch.testing.assert_close(plan[0], transport_plan(clean[None], None, cols[:1])[0])
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_assignment_is_optimal_for_float64_costs_near_1e15(fixed):
+    """The Hungarian (n > 8) marks visited columns with +1e30; float64 sums near 1e30 keep a
+    cost of ~1e15 only to rounding (ulp 1.4e14), and comparing two of them rewrote a visited
+    column's predecessor on the fixed schedule (not even a permutation on half the problems).
+    Every matching is now scipy's optimum."""
+    from scipy.optimize import linear_sum_assignment
+
+    g = torch.Generator().manual_seed(0)
+    cost = (torch.rand(60, 9, 9, generator=g, dtype=torch.float64) + 1.0) * 1e15
+    rows = torch.rand(60, 9, generator=g) < 0.7
+    rows[:, 0] = True
+    cols = torch.zeros(60, 9, dtype=torch.bool)
+    for b in range(60):
+        cols[b, torch.randperm(9, generator=g)[: int(rows[b].sum())]] = True
+    with fixed_schedule() if fixed else contextlib.nullcontext():
+        match = assignment(cost, rows, cols)
+    for b in range(60):
+        r, c = rows[b].nonzero()[:, 0], cols[b].nonzero()[:, 0]
+        sub = cost[b][r][:, c].numpy()
+        i, j = linear_sum_assignment(sub)
+        got = match[b, r]
+        assert sorted(got.tolist()) == c.tolist()
+        assert cost[b, r, got].sum().item() == pytest.approx(sub[i, j].sum(), rel=1e-12)
+
+
 def test_assignment_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     cost = torch.rand(50, 5, 5, generator=g)

@@ -261,7 +261,10 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
             else:
                 row = cost_rows.index_select(0, prob[0] * n + row_l[0]).t().contiguous()
             reduced = row + neg_v + offset
-            better = torch.sign(spc - reduced).clamp_min_(0.0)
+            # (visited columns excluded explicitly: their path costs carry +big, and in float64
+            # sums near 1e30 keep costs of ~1e15 only to rounding, so comparing two of them
+            # could rewrite a visited column's predecessor)
+            better = torch.sign(spc - reduced).sub_(visited_f).clamp_min_(0.0)
             torch.minimum(spc, reduced, out=spc)
             path_f.addcmul_(better, row_i - path_f)
             low = spc.amin(0, keepdim=True)
