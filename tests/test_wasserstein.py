@@ -643,6 +643,35 @@ def test_unchecked_nan_point_at_p_3_gives_nan_for_every_estimator(method):
     assert torch.isnan(value[0]) and torch.isfinite(value[1])
 
 
+@pytest.mark.parametrize("p", [1, 1.5])
+def test_equal_points_cost_zero_at_p_below_2_in_many_dimensions(p):
+    """D > 4 with p != 2: the cost matrix came from the expansion |x|^2 + |y|^2 - 2 x.y, whose
+    rounding noise between equal points (~eps |x|^2) |.|^(p/2) lifted to ~sqrt(eps) |x|: the
+    exact value of two equal distributions was 7e-4 (p = 1, float32), Sinkhorn's self-costs had
+    nonzero diagonals. Squared differences per coordinate give exact zeros."""
+    from ctxpred.wasserstein import _validate as _validate_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 5, generator=g) + 30.0
+    y = torch.cat([x, x], 1)  # the same distribution, twice the points: the flow path
+    assert (exact_wasserstein(x, y, p=p) == 0).all()
+    assert (torch.diagonal(_validate_module.pairwise_cost(x, x, p), dim1=-2, dim2=-1) == 0).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "pot"])
+def test_general_weights_exact_on_tiny_costs(method):
+    """POT's network simplex tests optimality with absolute tolerances: costs of ~1e-12 (points
+    at scale 1e-4, p = 3) came back 2.6% above the optimum. W_p^p scales as s^p."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 8, 1, generator=g, dtype=torch.float64) + 0.5
+    w = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.1
+    w[:, 0] = 0.0
+    big = wasserstein(x, y, None, w, method=method, p=3)
+    tiny = wasserstein(x * 1e-4, y * 1e-4, None, w, method=method, p=3)
+    torch.testing.assert_close(tiny, big * 1e-12, rtol=1e-9, atol=0.0)
+
+
 @pytest.mark.parametrize("solver", ["flow", "assignment"])
 @pytest.mark.parametrize("side", ["x", "y"])
 def test_single_unchecked_problem_with_nan_is_nan_and_inputs_stay(solver, side):

@@ -155,14 +155,18 @@ def restore(values: Tensor, prep: Prepared) -> Tensor:
 def pairwise_cost(x: Tensor, y: Tensor, p: float) -> Tensor:
     r"""Cost matrix ``(B, N, M)``: :math:`\|x_i - y_j\|^p` (squared Euclidean for ``p=2``).
 
-    Up to ``D = 4`` it sums squared coordinate differences; above, it uses the matmul expansion
+    Up to ``D = 4``, and for every ``D`` when ``p != 2``, it sums squared coordinate differences
+    (exact zeros between equal points); above, for ``p = 2``, it uses the matmul expansion
     :math:`|x|^2 + |y|^2 - 2 x\cdot y` (clamped at 0), and callers center the points first to
     keep the cancellation small. Works in place only where autograd does not
     need the intermediates (no gradient recorded), so it is safe to differentiate; at
     :math:`x_i = y_j` the gradient of ``p < 2`` is not finite (use :func:`plan_cost`, which is).
     """
     tracked = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    if 0 < x.shape[-1] <= _DIFF_MAX_D:  # few coordinates: sum of squared differences, one per axis
+    # few coordinates, or p != 2: sum of squared differences, one per axis. For p != 2 always:
+    # the expansion leaves rounding noise of ~eps |x|^2 where x_i = y_j, which |.|^(p/2) (a
+    # square root at p = 1) turns into ~sqrt(eps) |x| -- nonzero costs between equal points
+    if 0 < x.shape[-1] <= _DIFF_MAX_D or (p != 2 and x.shape[-1] > 0):
         sq = _squared_differences(x, y, tracked)
         if p == 2:
             return sq
@@ -291,7 +295,10 @@ def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None 
         return _PlanSquaredCost.apply(plan, cost, x, y, mean)
     if mean is not None:
         x, y = x - mean, y - mean
-    return (plan * _safe_power(pairwise_cost(x, y, 2.0), p)).sum((-1, -2))
+    # squared differences coordinate by coordinate (not the matmul expansion): exact zeros
+    # between equal points, which |.|^(p/2) would otherwise lift to ~sqrt(eps) |x|
+    tracked = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    return (plan * _safe_power(_squared_differences(x, y, tracked), p)).sum((-1, -2))
 
 
 CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)
