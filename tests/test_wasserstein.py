@@ -130,8 +130,6 @@ def test_exact_transport_matches_linprog(seed, n, m, d):
 def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
     """Both exact cores (subset DP for n <= 8, shortest augmenting path above, the latter with
     the CPU's column-reduction start and with the accelerators' fixed schedule) vs scipy."""
-    from scipy.optimize import linear_sum_assignment
-
     from ctxpred.wasserstein import exact
 
     g = torch.Generator().manual_seed(n)
@@ -151,14 +149,7 @@ def test_assignment_subset_dp_and_hungarian_match_scipy(n, monkeypatch):
         if all_valid:
             row_valid = col_valid = every
         match = assignment(cost, row_valid, col_valid)
-        for b in range(40):
-            rows, cols = row_valid[b].nonzero()[:, 0], col_valid[b].nonzero()[:, 0]
-            sub = cost[b][rows][:, cols].numpy()
-            r, c = linear_sum_assignment(sub)
-            got = match[b, rows]
-            assert (match[b, ~row_valid[b]] == -1).all()
-            assert col_valid[b, got].all() and got.unique().numel() == rows.numel()
-            assert cost[b, rows, got].sum().item() == pytest.approx(sub[r, c].sum(), abs=1e-9)
+        _assert_optimal_matchings(cost, row_valid, col_valid, match, rel=0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])
@@ -293,8 +284,6 @@ def test_assignment_is_optimal_for_float64_costs_near_1e15(fixed):
     cost of ~1e15 only to rounding (ulp 1.4e14), and comparing two of them rewrote a visited
     column's predecessor on the fixed schedule (not even a permutation on half the problems).
     Every matching is now scipy's optimum."""
-    from scipy.optimize import linear_sum_assignment
-
     g = torch.Generator().manual_seed(0)
     cost = (torch.rand(60, 9, 9, generator=g, dtype=torch.float64) + 1.0) * 1e15
     rows = torch.rand(60, 9, generator=g) < 0.7
@@ -304,13 +293,22 @@ def test_assignment_is_optimal_for_float64_costs_near_1e15(fixed):
         cols[b, torch.randperm(9, generator=g)[: int(rows[b].sum())]] = True
     with fixed_schedule() if fixed else contextlib.nullcontext():
         match = assignment(cost, rows, cols)
-    for b in range(60):
-        r, c = rows[b].nonzero()[:, 0], cols[b].nonzero()[:, 0]
-        sub = cost[b][r][:, c].numpy()
-        i, j = linear_sum_assignment(sub)
-        got = match[b, r]
-        assert sorted(got.tolist()) == c.tolist()
-        assert cost[b, r, got].sum().item() == pytest.approx(sub[i, j].sum(), rel=1e-12)
+    _assert_optimal_matchings(cost, rows, cols, match, rel=1e-12, abs=0.0)
+
+
+def _assert_optimal_matchings(cost, row_valid, col_valid, match, rel, abs):
+    """Each problem's matching: -1 on invalid rows, the valid columns each once, scipy's
+    optimal cost."""
+    from scipy.optimize import linear_sum_assignment
+
+    for b in range(cost.shape[0]):
+        rows, cols = row_valid[b].nonzero()[:, 0], col_valid[b].nonzero()[:, 0]
+        sub = cost[b][rows][:, cols].numpy()
+        r, c = linear_sum_assignment(sub)
+        got = match[b, rows]
+        assert (match[b, ~row_valid[b]] == -1).all()
+        assert sorted(got.tolist()) == cols.tolist()
+        assert cost[b, rows, got].sum().item() == pytest.approx(sub[r, c].sum(), rel=rel, abs=abs)
 
 
 def test_assignment_matches_brute_force():
