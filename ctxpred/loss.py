@@ -616,6 +616,7 @@ def _estimator(
         return estimator, None
     return estimator, _resolve_estimator(estimator, **(options or {}))
 
+
 def _mean_over_ranks(value: Tensor) -> Tensor:
     """``value`` averaged over the ranks of an initialized default process group (each rank
     sees other data: an anchor taken alone would give every rank another objective), else

@@ -206,15 +206,25 @@ def segment_cost(diff: Tensor, p: float) -> Tensor:
     sq = diff.pow(2).sum(-1)
     if p == 2:
         return sq
-    return _safe_power(sq, p)
+    return _safe_power(sq, p / 2.0)
 
 
-def _safe_power(sq: Tensor, p: float) -> Tensor:
-    """:math:`sq^{p/2}` with gradient 0 (not NaN) at ``sq = 0``; NaN stays NaN (a test on
-    ``sq > 0`` would have turned a NaN point's cost into 0, a finite wrong value)."""
-    zero = sq == 0
-    safe = torch.where(zero, torch.ones_like(sq), sq)
-    return torch.where(zero, torch.zeros_like(sq), safe.pow(p / 2.0))
+def _safe_power(values: Tensor, exponent: float) -> Tensor:
+    """``values ** exponent`` (``values >= 0``) with gradient 0 (not NaN) where ``values = 0``;
+    NaN stays NaN (a test on ``values > 0`` would have turned a NaN point's cost into 0, a
+    finite wrong value)."""
+    zero = values == 0
+    safe = torch.where(zero, torch.ones_like(values), values)
+    return torch.where(zero, torch.zeros_like(values), safe.pow(exponent))
+
+
+def simplex_scale(cost: Tensor, dims: tuple[int, ...] = (-1, -2)) -> Tensor:
+    """The largest ``|cost|`` over ``dims`` (kept), 1 where that is 0 or not finite: POT's
+    network simplex tests optimality with absolute tolerances, so costs of ~1e-12 came back
+    2.6% above the optimum; a plan is optimal for ``cost / scale`` too, which is what it is
+    given."""
+    scale = cost.detach().abs().amax(dims, keepdim=True)
+    return torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
 
 
 def _zero_value(x: Tensor, y: Tensor) -> Tensor:
@@ -298,7 +308,7 @@ def plan_cost(plan: Tensor, x: Tensor, y: Tensor, p: float, cost: Tensor | None 
     # squared differences coordinate by coordinate (not the matmul expansion): exact zeros
     # between equal points, which |.|^(p/2) would otherwise lift to ~sqrt(eps) |x|
     tracked = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
-    return (plan * _safe_power(_squared_differences(x, y, tracked), p)).sum((-1, -2))
+    return (plan * _safe_power(_squared_differences(x, y, tracked), p / 2.0)).sum((-1, -2))
 
 
 CHUNK_ELEMENTS = 1 << 16  # CPU: numbers per chunk of problems (256 KiB of float32)
@@ -337,11 +347,9 @@ def _plan_gradient(plan: Tensor, a: Tensor, b: Tensor, mean: Tensor | None,
         part, pa, pb = plan[i : i + chunk], a[i : i + chunk], b[i : i + chunk]
         k = part.shape[0]
         if mean is not None:
-            pa = pa - mean[i : i + chunk]
-            if pad == d:
-                pb = pb - mean[i : i + chunk]
+            pa, pb = pa - mean[i : i + chunk], pb - mean[i : i + chunk]
         if pad != d:  # (an assignment, not out=: torch.compile takes no non-contiguous out=)
-            padded_b[:k, :, :d] = pb if mean is None else pb - mean[i : i + chunk]
+            padded_b[:k, :, :d] = pb
             o = out[i : i + chunk].copy_(torch.bmm(part, padded_b[:k], out=product[:k])[..., :d])
         else:
             o = torch.bmm(part, pb, out=out[i : i + chunk])

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctxpred.wasserstein._validate import _safe_power, prepare, restore
+from ctxpred.wasserstein._validate import _safe_power, prepare, restore, simplex_scale
 
 __all__ = ["geomloss_wasserstein", "pot_wasserstein"]
 
@@ -78,17 +78,14 @@ def pot_wasserstein(
             continue
         diff = prep.x[k].unsqueeze(1) - prep.y[k].unsqueeze(0)
         sq = diff.pow(2).sum(-1)
-        cost = sq if p == 2 else _safe_power(sq, p)
+        cost = sq if p == 2 else _safe_power(sq, p / 2.0)
         a, b = prep.a[k], prep.b[k]
         # POT answers NaN costs with a finite value (and an "infeasible" warning): NaN instead,
         # as the batched estimators give (0 * cost is 0 for finite costs, NaN otherwise)
         poison = cost.sum() * 0.0
         if reg is None:
-            # on costs divided by their largest magnitude: the network simplex tests optimality
-            # with absolute tolerances (costs of ~1e-12 came back 2.6% above the optimum)
-            scale = cost.detach().abs().amax().clamp_min(torch.finfo(cost.dtype).tiny)
-            scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
-            values.append(ot.emd2(a, b, cost / scale) * scale + poison)
+            scale = simplex_scale(cost)  # (absolute tolerances in the simplex)
+            values.append(ot.emd2(a, b, cost / scale).reshape(()) * scale.reshape(()) + poison)
         else:
             values.append(ot.sinkhorn2(a, b, cost, reg) + poison)
     stacked = torch.stack(values) if values else prep.x.new_zeros(0)

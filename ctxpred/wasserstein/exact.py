@@ -59,7 +59,6 @@ import functools
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -76,6 +75,7 @@ from ctxpred.wasserstein._validate import (
     prepare,
     restore,
     segment_cost,
+    simplex_scale,
     weighted_mean,
 )
 from ctxpred.wasserstein.base import EstimatorModule
@@ -742,9 +742,11 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
         suffix.reverse()  # suffix[j - 1] = min over l >= j, for j = 1..m-1
         prefix = None
         for j in range(m):
-            parts = [t for t in (prefix, suffix[j] if j < m - 1 else None) if t is not None]
-            others = (torch.minimum(*parts) if len(parts) == 2 else parts[0]) if parts else (
-                torch.full_like(cst[:, j], big))
+            others = suffix[j] if j < m - 1 else None  # over l > j
+            if prefix is not None:  # over l < j
+                others = prefix if others is None else torch.minimum(prefix, others)
+            if others is None:  # m = 1: no other column
+                others = torch.full_like(cst[:, j], big)
             gap = cst[:, j] - others  # (n, B)
             best = _sorted_rows(gap, ranks).gather(0, kth.unsqueeze(0)).squeeze(0)
             v[j] = torch.where(col_f[j] > 0.5, best, 0.0)
@@ -1141,19 +1143,15 @@ def _pot_plans(prep: Prepared, p: float) -> Tensor:
     with torch.no_grad():
         xc, yc = center(x.detach(), y.detach(), b)
         # host: POT's network simplex runs on the CPU, one problem at a time (documented fallback)
-        cost = pairwise_cost(xc.double(), yc.double(), p).cpu().numpy()
+        cost = pairwise_cost(xc.double(), yc.double(), p)
+        cost = (cost / simplex_scale(cost)).cpu().numpy()  # (absolute tolerances in the simplex)
         a_np, b_np = a.double().cpu().numpy(), b.double().cpu().numpy()
         nonempty = prep.nonempty.cpu().tolist()
         plans = torch.zeros(cost.shape, dtype=torch.float64)
         for k in range(cost.shape[0]):
             if nonempty[k]:
                 wa, wb = a_np[k], b_np[k]
-                # the network simplex tests optimality with absolute tolerances: costs of ~1e-12
-                # came back 2.6% above the optimum. A plan is optimal for the costs divided by
-                # their largest magnitude too, so it is solved on those
-                scale = np.abs(cost[k]).max()
-                ck = cost[k] / scale if np.isfinite(scale) and scale > 0 else cost[k]
-                plans[k] = torch.from_numpy(ot.emd(wa / wa.sum(), wb / wb.sum(), ck))
+                plans[k] = torch.from_numpy(ot.emd(wa / wa.sum(), wb / wb.sum(), cost[k]))
     return plans.to(x.device)
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
 from ctxpred.wasserstein._validate import (
+    _safe_power,
     _zero_value,
     center,
     float32_core,
@@ -74,9 +75,7 @@ def _power(diff: Tensor, p: float) -> Tensor:
         return diff * diff
     if p == 1:
         return diff.abs()
-    mag = diff.abs()
-    zero = mag == 0  # (not `mag > 0`: NaN must stay NaN)
-    return torch.where(zero, torch.zeros_like(mag), torch.where(zero, 1.0, mag).pow(p))
+    return _safe_power(diff.abs(), p)
 
 
 def sliced_wasserstein(
