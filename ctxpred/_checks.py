@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _value_check
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _all_finite, _value_check
 
 __all__ = [
     "check_devices",
@@ -70,7 +70,7 @@ def check_finite(target: Tensor, name: str) -> None:
     if not target.is_floating_point() or target.device.type == "meta":
         return
     _value_check(
-        torch.isfinite(target).all(),
+        _all_finite(target),
         f"{name}: the target contains NaN or Inf values; a single one makes the loss and the "
         f"backbone's gradients NaN. Clean the data, or pass check_finite=False to the "
         f"ContextPredictionLoss to skip this check",

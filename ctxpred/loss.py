@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from ctxpred import _checks, _layout
 from ctxpred._deprecation import deprecated_names
 from ctxpred._layout import Layout, ResizeMode
-from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _value_check
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _all_finite, _value_check
 from ctxpred.heads.base import ContextHead
 from ctxpred.neighborhoods import Neighbors, gather_points, standardize_features
 from ctxpred.wasserstein import EstimatorSpec, _bind_generator
@@ -147,7 +147,7 @@ def check_sample_weight(sample_weight: Tensor | None, batch: int, name: str,
         )
     if check_values:
         _value_check(
-            (torch.isfinite(sample_weight) & (sample_weight >= 0)).all(),
+            _all_finite(sample_weight, nonnegative=True),
             f"{name}: sample_weight must be finite and >= 0 (a NaN, Inf or negative weight "
             f"makes the loss NaN or rewards a larger context error); pass check_finite=False "
             f"to the ContextPredictionLoss to skip this check", ValueRangeError)

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ctxpred
 from ctxpred import functional as F
-from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError
+from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError, _all_finite
 from ctxpred.wasserstein import (
     ExactWasserstein,
     GaussianWasserstein,
@@ -581,7 +581,7 @@ def test_sliced_seed_draws_the_same_directions_for_every_dtype():
         sliced_wasserstein(x, y, seed=0, num_projections=64), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_is_a_clear_error(bad):
     x = torch.randn(2, 4, 3)
     x[1, 2, 0] = bad
@@ -589,6 +589,37 @@ def test_non_finite_input_is_a_clear_error(bad):
         wasserstein(x, torch.randn(2, 4, 3))
     with pytest.raises(ValueRangeError, match="non-negative"):
         wasserstein(torch.randn(2, 4, 3), torch.randn(2, 4, 3), -torch.ones(2, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                           torch.int64, torch.bool]),
+    size=st.integers(0, 40),
+    bad=st.lists(st.tuples(st.integers(0, 39), st.sampled_from(
+        [float("nan"), float("inf"), -float("inf"), -1.0, -0.0, 0.0])), max_size=3),
+    nonnegative=st.booleans(),
+)
+def test_all_finite_agrees_with_isfinite(dtype, size, bad, nonnegative):
+    """The extremes-based check (``aminmax``) against the element-wise oracle: NaN, +-inf and
+    (with ``nonnegative``) negative values at any position, every dtype, empty tensors."""
+    x = torch.rand(size, dtype=torch.float64) * 10
+    for index, value in bad:
+        if index < size:
+            x[index] = value
+    if not dtype.is_floating_point:
+        x = x.nan_to_num(0.0, 0.0, 0.0)
+    x = x.to(dtype)
+    expected = bool(torch.isfinite(x.double()).all()) and not (nonnegative and bool((x < 0).any()))
+    assert bool(_all_finite(x, nonnegative=nonnegative)) == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_a_clear_error(bad):
+    w = torch.ones(2, 4)
+    w[1, 3] = bad
+    with pytest.raises(ValueRangeError, match="non-negative"):
+        wasserstein(torch.randn(2, 4, 3), torch.randn(2, 4, 3), y_weights=w)
 
 
 @pytest.mark.parametrize("method", ["exact", "sinkhorn", "sliced", "gaussian"])

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, check_floating
+from ctxpred.errors import DTypeError, ShapeError, ValueRangeError, _all_finite, check_floating
 
 __all__ = [
     "Prepared",
@@ -127,11 +127,8 @@ def _check_finite(
     x: Tensor, y: Tensor, x_weights: Tensor | None, y_weights: Tensor | None
 ) -> None:
     """One host sync: finite points, finite non-negative weights."""
-    flags = [torch.isfinite(x).all(), torch.isfinite(y).all()]
-    for w in (x_weights, y_weights):
-        if w is not None:
-            wf = w.detach().float()
-            flags.append(torch.isfinite(wf).all() & (wf >= 0).all())
+    flags = [_all_finite(x), _all_finite(y)]
+    flags += [_all_finite(w, nonnegative=True) for w in (x_weights, y_weights) if w is not None]
     ok = torch.stack(flags).cpu().tolist()
     if not (ok[0] and ok[1]):
         bad = "x" if not ok[0] else "y"
