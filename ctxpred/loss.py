@@ -208,7 +208,8 @@ class ContextPredictionLoss(nn.Module):
             check it on your model from the context/denoising gradient-norm ratio).
         stride_weights: ``w_s`` per stride (default ``1/S`` each).
         points: query points per step: ``None`` (all), a count (clamped to the grid size) or a
-            fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call.
+            fraction in ``(0, 1]`` of the layer's points; a fresh uniform subset each call
+            (``points=1``, one point, warns: ``1.0`` is every point).
         grid_shape: token grid ``(h, w)`` of ``(B, L, C)`` features.
         layout: ``"channels_first"`` or ``"tokens"`` to state the layer output's layout
             explicitly (needed for rank-3 outputs without ``grid_shape``); ``None`` infers it.
@@ -594,6 +595,12 @@ def _check_points(points: int | float | None) -> int | float | None:
     ):
         raise ValueRangeError(
             f"points must be None, a count >= 1 or a fraction in (0, 1], got {points!r}"
+        )
+    if points == 1 and isinstance(points, int):
+        _checks.warn_user(
+            "points=1 (an int) is a count: one query point per image per step. For every point "
+            "pass points=None or the fraction points=1.0 (if one point is meant, filter this "
+            "warning)"
         )
     return points
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import ot
@@ -378,6 +379,21 @@ def test_points_subsampling_count_and_fraction():
     for bad in (0, 1.5, -0.1, True, "all"):
         with pytest.raises(ValueRangeError, match="points"):
             _pixel_loss(points=bad)
+
+
+def test_points_one_as_an_int_warns_and_the_fraction_means_all():
+    """``points=1`` is a count (one point per image): a likely slip for "all", so it warns;
+    ``points=1.0`` (a fraction) evaluates every point, silently."""
+    with pytest.warns(UserWarning, match=r"points=1 \(an int\) is a count.*points=1\.0"):
+        one = _pixel_loss(points=1)
+    feats, target = torch.randn(2, 8, 6, 6), torch.randn(2, 3, 6, 6)
+    assert one.terms(feats, target).per_point.shape[1] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        every = _pixel_loss(points=1.0)
+        two = _pixel_loss(points=2)
+    assert every.terms(feats, target).per_point.shape[1] == 36
+    assert two.terms(feats, target).per_point.shape[1] == 2
 
 
 def test_point_without_valid_neighbor_contributes_nothing_and_no_nan():
