@@ -1060,6 +1060,27 @@ def test_masked_exact_gradient_is_envelope_of_pot_plan(p):
                                     (x[:1, :5].detach().requires_grad_(True),))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), m=st.integers(1, 5), width=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_tight_leaves_against_a_loop(n, m, width, seed):
+    """The flow start's leaves: tight arcs between a row with supply and a column with demand
+    left whose row or column has no other such arc (a naive loop over every arc)."""
+    g = torch.Generator().manual_seed(seed)
+    tight = (torch.rand(n, m, width, generator=g) < 0.5).double()
+    excess = torch.randint(0, 3, (n, width), generator=g).double()
+    deficit = torch.randint(0, 3, (m, width), generator=g).double()
+    got = exact_module._tight_leaves(tight, excess, deficit)
+    live = [[[bool(tight[i, j, w] and excess[i, w] > 0 and deficit[j, w] > 0) for w in range(width)]
+             for j in range(m)] for i in range(n)]
+    for i in range(n):
+        for j in range(m):
+            for w in range(width):
+                row = sum(live[i][k][w] for k in range(m))
+                col = sum(live[k][j][w] for k in range(n))
+                assert got[i, j, w] == float(live[i][j][w] and (row == 1 or col == 1))
+
+
 def test_flow_fixed_bound_is_enough_and_cpu_schedule_agrees():
     assert flow_augmentation_bound(8, 8) == 56 and flow_augmentation_bound(1, 5) == 5
     x, y = clouds(13, 128, 8, 8, 2, torch.float32)
