@@ -202,7 +202,13 @@ def test_exact_chunked_cost_value_and_gradients_match(p, supports, monkeypatch):
 
     def run():
         value = exact_wasserstein(x, y, wx, wy, p=p)
-        return (value, *torch.autograd.grad((value * torch.arange(37.0)).sum(), (x, y)))
+        grads = torch.autograd.grad((value * torch.arange(37.0)).sum(), (x, y))
+        # y constant (a target): the assignment's matched-pair value has its own backward
+        fixed = exact_wasserstein(x, y.detach(), wx, wy, p=p)
+        (grad_x,) = torch.autograd.grad((fixed * torch.arange(37.0)).sum(), (x,))
+        torch.testing.assert_close(fixed, value, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad_x, grads[0], rtol=1e-5, atol=1e-5)
+        return (value, *grads, fixed, grad_x)
 
     whole = run()
     monkeypatch.setattr(_validate, "CHUNK_ELEMENTS", 4 * 6 * 5)  # chunks of 4 problems

@@ -1116,9 +1116,9 @@ class _MatchedSquaredCost(torch.autograd.Function):
     r""":math:`\sum_i a_i \|x_i - y_{\sigma(i)}\|^2` per problem with a one-pass backward
     :math:`2 a_i (x_i - y_{\sigma(i)})` (y constant: the usual case, a target).
 
-    Nothing of size ``(B, N, D)`` is kept between the passes: the forward goes in chunks of
-    problems on a CPU (small temporaries), the backward gathers :math:`y_{\sigma(i)}` again into
-    the gradient's own memory -- one full-size allocation per call, the gradient itself.
+    Nothing of size ``(B, N, D)`` is kept between the passes: both go in chunks of problems on
+    a CPU (small, cache-resident temporaries), the backward gathering :math:`y_{\sigma(i)}`
+    again -- one full-size allocation per call, the gradient itself, written once.
     """
 
     @staticmethod
@@ -1142,9 +1142,19 @@ class _MatchedSquaredCost(torch.autograd.Function):
         scale = (2.0 * a * grad.unsqueeze(-1)).unsqueeze(-1)
         if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable in x
             return (x - _take_rows(y, index)) * scale, None, None, None
-        out = _take_rows(y, index)
-        torch.sub(x, out, out=out)
-        return out.mul_(scale), None, None, None
+        # in chunks: each chunk's gathered rows stay in cache, the output is written once
+        bsz, n, d = x.shape
+        chunk = chunk_size(bsz, n * d, x.device)
+        if chunk >= bsz:
+            out = _take_rows(y, index)
+            torch.sub(x, out, out=out)
+            return out.mul_(scale), None, None, None
+        out = torch.empty_like(x)
+        for i in range(0, bsz, chunk):
+            rows = _take_rows(y[i : i + chunk], index[i : i + chunk])
+            torch.sub(x[i : i + chunk], rows, out=rows)
+            torch.mul(rows, scale[i : i + chunk], out=out[i : i + chunk])
+        return out, None, None, None
 
 
 def _pot_plans(prep: Prepared, p: float) -> Tensor:
