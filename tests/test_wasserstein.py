@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from typing import ClassVar
+from unittest import mock
 
 import numpy as np
 import ot
@@ -16,6 +17,7 @@ from scipy.optimize import linprog
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ctxpred
+from ctxpred import errors as errors_module
 from ctxpred import functional as F
 from ctxpred.errors import CtxpredError, DTypeError, ShapeError, ValueRangeError, _all_finite
 from ctxpred.wasserstein import (
@@ -618,6 +620,8 @@ def test_all_finite_agrees_with_isfinite(dtype, size, bad, nonnegative):
     x = x.to(dtype)
     expected = bool(torch.isfinite(x.double()).all()) and not (nonnegative and bool((x < 0).any()))
     assert bool(_all_finite(x, nonnegative=nonnegative)) == expected
+    with mock.patch.object(errors_module, "_AMINMAX_DEVICES", ()):  # the element-wise branch
+        assert bool(_all_finite(x, nonnegative=nonnegative)) == expected
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
