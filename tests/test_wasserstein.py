@@ -11,7 +11,7 @@ import numpy as np
 import ot
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linprog
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -608,6 +608,12 @@ def test_non_finite_input_is_a_clear_error(bad):
         [float("nan"), float("inf"), -float("inf"), -1.0, -0.0, 0.0])), max_size=3),
     nonnegative=st.booleans(),
 )
+@example(dtype=torch.float32, size=5, bad=[(2, -1.0)], nonnegative=True)
+@example(dtype=torch.float32, size=5, bad=[(4, -0.0)], nonnegative=True)
+@example(dtype=torch.float16, size=5, bad=[(0, float("nan"))], nonnegative=False)
+@example(dtype=torch.float64, size=5, bad=[(1, -float("inf"))], nonnegative=False)
+@example(dtype=torch.bfloat16, size=5, bad=[(3, float("inf"))], nonnegative=True)
+@example(dtype=torch.int64, size=5, bad=[(3, -1.0)], nonnegative=True)
 def test_all_finite_agrees_with_isfinite(dtype, size, bad, nonnegative):
     """The extremes-based check (``aminmax``) against the element-wise oracle: NaN, +-inf and
     (with ``nonnegative``) negative values at any position, every dtype, empty tensors."""
