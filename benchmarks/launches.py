@@ -87,14 +87,18 @@ class OpCounter(TorchDispatchMode):
 def triton_stand_in() -> Iterator[None]:
     """Count ``solver="triton"`` on the meta device: the fused kernel cannot run there, so a
     stand-in takes its place that dispatches what the wrapper does on CUDA for float32 costs and
-    bool masks -- the two masks cast to int8, and the kernel, counted as one operation (it writes
-    the plan). Needs no triton."""
+    bool masks -- the per-problem rescaling of the costs, the two masks cast to int8, the
+    kernel, counted as one operation (it writes the plan), and the plan's normalization. Needs
+    no triton."""
     from ctxpred.wasserstein import _triton
+    from ctxpred.wasserstein.exact import _rescaled
 
     def stand_in(cost: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor
                  ) -> torch.Tensor:
+        cost = _rescaled(cost, row_valid, col_valid, host_checks=False)
         row_valid.to(torch.int8), col_valid.to(torch.int8)
-        return torch.zeros_like(cost)  # the kernel
+        plan = torch.zeros_like(cost)  # the kernel
+        return plan / plan.sum((1, 2), keepdim=True).clamp_min(1)
 
     with mock.patch.object(_triton, "triton_transport_plan", stand_in):
         yield

@@ -288,6 +288,24 @@ def test_float64_and_bfloat16_inputs():
     torch.testing.assert_close(low.cpu().double(), want, rtol=1e-2, atol=1e-3)
 
 
+@kernel_test
+def test_costs_far_beyond_the_kernels_unreachable_give_the_same_plan():
+    """The kernel's "unreachable" is 1e30: costs of ~1e31 had stopped the solve early (a plan
+    with the wrong marginals, rescaled to mass 1: values off by ~50%). The wrapper rescales each
+    problem by a power of two, so costs times 2^103 give the plan of the costs themselves, and
+    points ~3e15 apart the value of POT."""
+    from ctxpred.wasserstein._triton import triton_transport_plan
+
+    x, y, a, b = masked_problem(31, 6, 8, 8, 3, 1.0, 0.0, False)
+    cost = ((x[:, :, None] - y[:, None]) ** 2).sum(-1)
+    plan = triton_transport_plan(*_on(DEVICE, cost, a > 0, b > 0)).cpu()
+    huge = triton_transport_plan(*_on(DEVICE, cost * 2.0**103, a > 0, b > 0)).cpu()
+    torch.testing.assert_close(huge, plan, rtol=0, atol=0)
+    far = [t.double() * 3e15 for t in (x, y)]
+    got = exact_wasserstein(*_on(DEVICE, *far, a, b), solver="triton", check_finite=False)
+    torch.testing.assert_close(got.cpu(), pot_oracle(*far, a, b), rtol=1e-6, atol=0)
+
+
 @needs_triton
 @pytest.mark.skipif(CHILD, reason="compiles in the parent")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -1097,6 +1097,46 @@ def test_tight_leaves_against_a_loop(n, m, width, seed):
                 assert got[i, j, w] == float(live[i][j][w] and (row == 1 or col == 1))
 
 
+@pytest.mark.parametrize("schedule", ["cpu", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, masked", [(8, False), (12, False), (8, True), (12, True)])
+def test_exact_is_right_for_points_far_apart(schedule, dtype, n, masked):
+    """Squared distances of ~1e31 (points ~3e15 apart) reach the solvers' "unreachable" 1e30:
+    every exact solver (the subset DP, the Hungarian, the flow) had returned values off by
+    30-400%, silently. Each problem's costs are now rescaled by a power of two. Against POT, on
+    the CPU schedule and the accelerators' fixed one; spreads from 1 to 1e17 in one batch."""
+    g = torch.Generator().manual_seed(n)
+    spread = torch.tensor([1.0, 1e10, 3e15, 1e17]).repeat(3).double().view(-1, 1, 1)
+    x = torch.randn(12, n, 3, generator=g, dtype=torch.float64) * spread
+    y = torch.randn(12, n, 3, generator=g, dtype=torch.float64) * spread
+    b = torch.ones(12, n, dtype=torch.float64)
+    if masked:
+        b[:, : n // 3] = 0.0
+    x, y = x.to(dtype), y.to(dtype)
+    with fixed_schedule() if schedule == "fixed" else contextlib.nullcontext():
+        got = exact_wasserstein(x, y, None, b.to(dtype))
+    want = pot_oracle(x, y, None, b).double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-9,
+                               atol=0)
+
+
+def test_solvers_return_the_same_plan_for_costs_scaled_to_1e31():
+    """The low-level solvers on costs far beyond their 1e30 "unreachable": the plan of the
+    costs times 2^103 (~1e31) is the plan of the costs themselves (a power-of-two rescaling is
+    exact)."""
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(64, 9, 9, generator=g, dtype=torch.float64)
+    rows, cols = torch.rand(64, 9, generator=g) < 0.8, torch.rand(64, 9, generator=g) < 0.7
+    rows[:, 0] = cols[:, 0] = True
+    huge = cost * 2.0**103
+    assert torch.equal(transport_plan(huge, rows, cols), transport_plan(cost, rows, cols))
+    full = torch.ones(64, 9, dtype=torch.bool)
+    for size in (8, 9):  # the subset DP and the Hungarian
+        c = cost[:, :size, :size]
+        assert torch.equal(assignment(c * 2.0**103, full[:, :size], full[:, :size]),
+                           assignment(c, full[:, :size], full[:, :size]))
+
+
 def test_flow_fixed_bound_is_enough_and_cpu_schedule_agrees():
     assert flow_augmentation_bound(8, 8) == 56 and flow_augmentation_bound(1, 5) == 5
     x, y = clouds(13, 128, 8, 8, 2, torch.float32)

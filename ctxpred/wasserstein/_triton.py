@@ -2,7 +2,7 @@ r"""Exact small transport problems in one fused Triton kernel: one program per p
 
 The device solvers of :mod:`ctxpred.wasserstein.exact` run *batched tensor operations*: every
 step of their schedule is a handful of PyTorch operations over all problems, so on a GPU their
-cost is kernel launches (``docs/results/launches.md``: ~270 operations for an unmasked 8x8
+cost is kernel launches (``docs/results/launches.md``: ~280 operations for an unmasked 8x8
 assignment, ~3.6k for the masked min-cost flow in eager mode). This module runs the whole solve
 of a problem inside one program of one kernel instead: the ``(n, m)`` costs, duals and flow
 live in registers, and the schedule is data-dependent per problem (a program stops when its
@@ -71,7 +71,9 @@ def interpreting() -> bool:
 
 def num_warps(br: int, bc: int) -> int:
     """Warps per program for ``(br, bc)`` tiles: about 64 tile elements per warp (2 per thread).
-    With fewer warps ptxas spills registers at 16 x 16 and above (sm_90, triton 3.9)."""
+    A guess, not a measurement (no GPU has run the kernel): compiled for sm_90 (triton 3.9), a
+    32 x 32 tile fits in registers with 2, 4 or 8 warps too and spills only with 1, and fewer
+    warps mean fewer cross-warp barriers in the reductions -- tune on a GPU."""
     return max(1, min(16, br * bc // 64))
 
 
@@ -150,7 +152,12 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     br, bc = _block(n), _block(m)
     kernel = _kernel()
     warps = num_warps(br, bc)
-    args = (cost.detach().to(torch.float32).contiguous(), row_valid.to(torch.int8).contiguous(),
+    # costs in [-1, 1] per problem (a power-of-two rescaling: the same plans): the kernel's
+    # "unreachable" is 1e30, and costs near it had stopped the solve early, silently
+    from ctxpred.wasserstein.exact import _rescaled
+
+    cost = _rescaled(cost.detach(), row_valid, col_valid, host_checks=False)
+    args = (cost.to(torch.float32).contiguous(), row_valid.to(torch.int8).contiguous(),
             col_valid.to(torch.int8).contiguous(), plan, n, m)
     # Triton launches on the current CUDA device: make it the tensors' (cuda:1 while cuda:0 is
     # current would read another device's memory).
