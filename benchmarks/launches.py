@@ -91,11 +91,11 @@ def triton_stand_in() -> Iterator[None]:
     kernel, counted as one operation (it writes the plan), and the plan's normalization. Needs
     no triton."""
     from ctxpred.wasserstein import _triton
-    from ctxpred.wasserstein.exact import _rescaled
+    from ctxpred.wasserstein._validate import rescale_costs
 
     def stand_in(cost: torch.Tensor, row_valid: torch.Tensor, col_valid: torch.Tensor
                  ) -> torch.Tensor:
-        cost = _rescaled(cost, row_valid, col_valid, host_checks=False)
+        cost = rescale_costs(cost, row_valid, col_valid, host_checks=False)
         row_valid.to(torch.int8), col_valid.to(torch.int8)
         plan = torch.zeros_like(cost)  # the kernel
         return plan / plan.sum((1, 2), keepdim=True).clamp_min(1)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ctxpred.errors import ShapeError, ValueRangeError
-from ctxpred.wasserstein._validate import _is_compiling
+from ctxpred.wasserstein._validate import _is_compiling, rescale_costs
 
 __all__ = ["TRITON_MAX_SIZE", "available", "triton_transport_plan"]
 
@@ -154,9 +154,7 @@ def triton_transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     warps = num_warps(br, bc)
     # costs in [-1, 1] per problem (a power-of-two rescaling: the same plans): the kernel's
     # "unreachable" is 1e30, and costs near it had stopped the solve early, silently
-    from ctxpred.wasserstein.exact import _rescaled
-
-    cost = _rescaled(cost.detach(), row_valid, col_valid, host_checks=False)
+    cost = rescale_costs(cost.detach(), row_valid, col_valid, host_checks=False)
     args = (cost.to(torch.float32).contiguous(), row_valid.to(torch.int8).contiguous(),
             col_valid.to(torch.int8).contiguous(), plan, n, m)
     # Triton launches on the current CUDA device: make it the tensors' (cuda:1 while cuda:0 is

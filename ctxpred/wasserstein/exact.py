@@ -73,6 +73,7 @@ from ctxpred.wasserstein._validate import (
     pairwise_cost,
     plan_cost,
     prepare,
+    rescale_costs,
     restore,
     segment_cost,
     simplex_scale,
@@ -92,8 +93,6 @@ __all__ = [
 Solver = Literal["auto", "assignment", "flow", "transport", "triton"]
 
 _BIG = 1e30  # "unreachable" in the float-only inner loop; costs must stay far below it
-_SAFE_COST = 2.0**40  # the solvers take larger costs only rescaled (_rescaled): paths' lengths
-# then stay far below _BIG in float32 and float64
 _COMPACT_AT = 0.9  # CPU flow solver: drop finished problems once a tenth of them are done
 _TIE_ULPS = 4.0  # flow solver start: arcs within rounding of reduced cost 0 count as tight
 _ASCENT_SWEEPS = 2  # flow solver start: coordinate-ascent sweeps over the column duals
@@ -127,29 +126,6 @@ def _check_solver_inputs(name: str, cost: Tensor, masks: tuple[Tensor | None, Te
                              f"{tuple(cost.shape)}, got {tuple(mask.shape)}")
 
 
-def _rescaled(cost: Tensor, row_valid: Tensor | None, col_valid: Tensor | None,
-              host_checks: bool) -> Tensor:
-    """``cost (B, n, m)`` divided per problem by the power of two :math:`2^k \\ge 1` just above
-    its largest ``|cost|`` over the valid arcs (non-finite costs ignored), so that the solvers'
-    costs stay within ``[-1, 1]`` or as they were, far below their "unreachable" :data:`_BIG`:
-    costs of ~1e31 (points ~3e15 apart) had given values off by 30-400%, silently. Dividing by a
-    power of two is exact (the same plans); costs are never scaled up (the masked arcs' may be
-    anything). With ``host_checks`` (a CPU) it is skipped when every ``|cost|`` is at most
-    :data:`_SAFE_COST` (the usual case: one read of the extremes); elsewhere always done (no
-    host sync)."""
-    if host_checks:
-        low, high = torch.aminmax(cost)
-        if bool((low >= -_SAFE_COST) & (high <= _SAFE_COST)):  # NaN: rescale
-            return cost
-    size = cost.abs().nan_to_num_(0.0, 0.0, 0.0)
-    if row_valid is not None:
-        size.mul_(row_valid.unsqueeze(2))
-    if col_valid is not None:
-        size.mul_(col_valid.unsqueeze(1))
-    top = size.amax((1, 2), keepdim=True).clamp_min_(1.0)
-    return cost / top.log2_().ceil_().exp2_()
-
-
 @torch.no_grad()
 def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor | None = None
                ) -> Tensor:
@@ -176,7 +152,7 @@ def assignment(cost: Tensor, row_valid: Tensor | None = None, col_valid: Tensor 
     _check_solver_inputs("assignment", cost, (row_valid, col_valid), square=True)
     bsz, n, _ = cost.shape
     device = cost.device
-    cost = _rescaled(cost, row_valid, col_valid, host_checks_free(device))
+    cost = rescale_costs(cost, row_valid, col_valid, host_checks_free(device))
     if row_valid is None:
         row_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
     if col_valid is None:
@@ -734,7 +710,7 @@ def transport_plan(cost: Tensor, row_valid: Tensor | None = None,
     _check_solver_inputs("transport_plan", cost, (row_valid, col_valid), square=False)
     bsz, n, m = cost.shape
     device, dtype, big = cost.device, cost.dtype, _BIG
-    cost = _rescaled(cost, row_valid, col_valid, host_checks_free(device))
+    cost = rescale_costs(cost, row_valid, col_valid, host_checks_free(device))
     if row_valid is None:
         row_valid = torch.ones(bsz, n, dtype=torch.bool, device=device)
     if col_valid is None:
