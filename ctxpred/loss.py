@@ -54,7 +54,7 @@ about +1.5% on average and up to about +22% on single problems; grayscale, ``C =
 ``estimator_options={"scaling": 0.9, "iterations": 200}`` bounds that error by 1e-3 at ``C = 3``
 (9e-3 at ``C = 1``) at about 5-6x the estimator's time; ``"exact"``, or ``"exact"`` with
 ``match_mask=True`` (a batched assignment, see :func:`ctxpred.heads.gaussian.sample_divergence`),
-removes it; for ``C = 1`` exact takes the 1-D sorted coupling, 0.19x Sinkhorn's time.
+removes it; for ``C = 1`` exact takes the 1-D sorted coupling, 0.18x Sinkhorn's time.
 """
 
 from __future__ import annotations
