@@ -249,7 +249,7 @@ def rescale_costs(cost: Tensor, row_valid: Tensor | None, col_valid: Tensor | No
     """
     if cost.numel() == 0:
         return cost
-    if host_checks:
+    if host_checks:  # host: CPU eager only, where the read is free (no device queue)
         low, high = torch.aminmax(cost)
         if bool((low >= -SAFE_COST) & (high <= SAFE_COST)):  # NaN: rescale
             return cost
